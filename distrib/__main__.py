@@ -1,0 +1,5 @@
+import sys
+
+from distrib.cli import main
+
+sys.exit(main())

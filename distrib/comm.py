@@ -1,0 +1,98 @@
+"""Rendezvous, process-group set-up and teardown, and the one place the backend is chosen.
+
+The rendezvous follows Ray Train: the driver asks rank 0 for its node address
+and a free port, then every rank calls `init_process_group` at once and the
+driver waits once, with a timeout. Initialising ranks one at a time deadlocks,
+because each rank's init blocks until all ranks have joined.
+
+torch is imported inside the functions that need it, so the driver can use
+this module without paying torch's import time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str, cluster_gpus: float) -> str:
+    """`auto` -> cuda when the Ray cluster has GPUs, else cpu; explicit choices pass through."""
+    if device != "auto":
+        return device
+    return "cuda" if cluster_gpus > 0 else "cpu"
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """`auto` -> nccl on cuda, gloo on cpu: the only place the backend is chosen."""
+    if backend != "auto":
+        return backend
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def node_address() -> str:
+    """This node's address as Ray sees it (reachable by the other nodes of the cluster)."""
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this node (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(*, backend: str, master_addr: str, master_port: int,
+                       world_rank: int, world_size: int, timeout_s: float) -> None:
+    """Join the process group. All ranks must call this at the same time.
+
+    The address is passed as an init_method URL rather than through
+    MASTER_ADDR/MASTER_PORT, so no environment variable is set behind the user's back.
+    """
+    import torch.distributed as dist
+
+    log.info("rank %d/%d joining %s group at %s:%d", world_rank, world_size, backend, master_addr, master_port)
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=world_rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def destroy_process_group() -> None:
+    """Leave the process group if this process is in one; safe to call twice."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """The group's size, or 1 without a process group (so the maths runs in a plain process)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean_(tensor) -> None:
+    """Average `tensor` in place over all ranks (a no-op at world size 1). All ranks must call this.
+
+    SUM then divide, because gloo has no AVG reduction.
+    """
+    import torch.distributed as dist
+
+    size = world_size()
+    if size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(size)
+
+
+def host_name() -> str:
+    return os.uname().nodename

@@ -1,0 +1,233 @@
+"""The run config: one frozen, typed dataclass, loaded from YAML and validated.
+
+Every way a config can be wrong (unknown key, wrong type, value out of range,
+missing file, malformed YAML, contradicting fields) raises `ConfigError` with a
+one-line message that names the key, the value and the rule. The CLI turns it
+into exit code 2. Nothing here imports torch or ray: the driver loads configs
+before either is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line, naming key, value and rule."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one training run needs; the replica never sees the YAML, only this."""
+
+    num_workers: int = 2
+    """Replicas (Ray actors), one per GPU on a GPU cluster."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks cuda when the Ray cluster has GPUs, else cpu."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; `auto` is nccl on cuda, gloo on cpu."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per replica; its torch thread count is the whole part (at least 1)."""
+    batch_size_per_worker: int = 32
+    """Images per replica per step; the global batch is num_workers times this."""
+    image_size: int = 64
+    """Height and width of the (square) input images, in pixels."""
+    num_classes: int = 1000
+    """Output classes of the resnet18 head."""
+    steps: int = 30
+    """Optimizer steps to run."""
+    lr: float = 0.01
+    """SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """SGD weight decay (L2)."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
+    seed: int = 0
+    """Seeds the model init and every step's global batch."""
+    loss: Literal["cross_entropy", "sum"] = "cross_entropy"
+    """`cross_entropy` is averaged over the global batch; `sum` is the tutorial's
+    `(prediction - targets).sum()` over the global batch, with uniform targets."""
+    batchnorm: Literal["train", "frozen"] = "train"
+    """`train` normalises with each shard's statistics (standard DDP); `frozen`
+    keeps BatchNorm in eval mode, so the maths does not depend on the sharding."""
+    weights: str = "none"
+    """`none` (seeded init), `DEFAULT` (torchvision's pretrained weights) or a .pth path."""
+    data: Literal["synthetic", "fake", "folder"] = "synthetic"
+    """`synthetic`: uniform images as in the tutorial; `fake`: torchvision FakeData;
+    `folder`: torchvision ImageFolder at data_dir."""
+    data_dir: str = ""
+    """Root of the ImageFolder tree (one sub-folder per class); only for data: folder."""
+    dataset_size: int = 10_000
+    """Number of FakeData samples; only for data: fake."""
+    loader_workers: int = 2
+    """DataLoader worker processes per replica for fake and folder data."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto` is bf16 autocast on cuda and fp32 on cpu; fp16 adds a gradient scaler."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """NHWC memory layout; `auto` is on for cuda, off for cpu."""
+    compile: bool = False
+    """torch.compile the model (costs start-up time, pays off on long GPU runs)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its algorithms on the first steps and keep the fastest (cuda only)."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size; buckets are all-reduced while backward goes on."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for the replicas' bundles."""
+    steps_per_call: int = 1
+    """Lockstep steps run by one driver call; more hides per-call cost on fast GPU steps."""
+    calls_in_flight: int = 2
+    """Driver calls queued per replica, so replicas never wait on the driver."""
+    check_every: int = 10
+    """Compare replica fingerprints every this many steps (and at the end); 0 = end only."""
+    run_dir: str = "runs/{time}"
+    """Where metrics and summaries go; `{time}` becomes the start time."""
+    start_timeout_s: float = 120.0
+    """Limit for placing, starting and connecting all replicas."""
+    step_timeout_s: float = 300.0
+    """Limit for one driver call (steps_per_call steps) to finish on every replica."""
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.num_workers * self.batch_size_per_worker
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with `changes` applied and validated (the original is unchanged)."""
+        return from_dict({**to_dict(self), **changes})
+
+
+def _rule(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is invalid: {rule}")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    _rule(cfg.num_workers >= 1, "num_workers", cfg.num_workers, "must be >= 1")
+    _rule(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "must be > 0")
+    _rule(cfg.batch_size_per_worker >= 1, "batch_size_per_worker", cfg.batch_size_per_worker, "must be >= 1")
+    # resnet18 downsamples 32x; below 32 px the last stage sees less than one pixel.
+    _rule(cfg.image_size >= 32, "image_size", cfg.image_size, "must be >= 32 (resnet18 downsamples 32x)")
+    _rule(cfg.num_classes >= 1, "num_classes", cfg.num_classes, "must be >= 1")
+    _rule(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
+    _rule(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    _rule(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "must be in [0, 1)")
+    _rule(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    _rule(not cfg.nesterov or cfg.momentum > 0, "nesterov", cfg.nesterov, "needs momentum > 0")
+    _rule(0 <= cfg.seed < 2**31, "seed", cfg.seed, "must be in [0, 2**31)")
+    _rule(cfg.loss != "sum" or cfg.data == "synthetic", "loss", cfg.loss,
+          "the sum loss needs uniform targets: use data: synthetic, or loss: cross_entropy")
+    _rule(cfg.data != "folder" or bool(cfg.data_dir), "data_dir", cfg.data_dir,
+          "data: folder needs data_dir set to an ImageFolder root")
+    _rule(cfg.data != "folder" or Path(cfg.data_dir).is_dir(), "data_dir", cfg.data_dir,
+          "no such directory; point it at an ImageFolder root (one sub-folder per class)")
+    _rule(cfg.dataset_size >= 1, "dataset_size", cfg.dataset_size, "must be >= 1")
+    _rule(cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers, "must be >= 0")
+    weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))
+    _rule(weights_ok, "weights", cfg.weights, "must be none, DEFAULT or a path to a .pth/.pt file")
+    _rule(cfg.weights != "DEFAULT" or cfg.num_classes == 1000, "num_classes", cfg.num_classes,
+          "weights: DEFAULT has a 1000-class head; set num_classes: 1000")
+    _rule(cfg.bucket_cap_mb > 0, "bucket_cap_mb", cfg.bucket_cap_mb, "must be > 0")
+    _rule(cfg.steps_per_call >= 1, "steps_per_call", cfg.steps_per_call, "must be >= 1")
+    _rule(cfg.calls_in_flight >= 1, "calls_in_flight", cfg.calls_in_flight, "must be >= 1")
+    _rule(cfg.check_every >= 0, "check_every", cfg.check_every, "must be >= 0 (0 = only at the end)")
+    _rule(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
+    _rule(cfg.start_timeout_s > 0, "start_timeout_s", cfg.start_timeout_s, "must be > 0")
+    _rule(cfg.step_timeout_s > 0, "step_timeout_s", cfg.step_timeout_s, "must be > 0")
+    _rule(not (cfg.device == "cpu" and cfg.backend == "nccl"), "backend", cfg.backend,
+          "nccl needs device: cuda; use backend: gloo (or auto) on cpu")
+    _rule(not (cfg.device == "cpu" and cfg.precision == "fp16"), "precision", cfg.precision,
+          "fp16 autocast needs device: cuda; use fp32 or bf16 on cpu")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` as type `hint`, or ConfigError. ints are accepted for floats, never bools for numbers."""
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        _rule(value in allowed, key, value, "must be one of " + " | ".join(map(str, allowed)))
+        return value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is invalid: must be {hint}")
+    if hint is bool:
+        _rule(isinstance(value, bool), key, value, "must be true or false")
+    elif hint is int:
+        _rule(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+    elif hint is float:
+        _rule(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
+        value = float(value)
+    elif hint is str:
+        _rule(isinstance(value, str), key, value, "must be a string")
+    return value
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_FIELDS)}"
+    return ConfigError(f"{key}: unknown key{hint}")
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from plain values (as YAML gives them)."""
+    for key in values:
+        if key not in _FIELDS:
+            raise _unknown_key(key)
+    return RunConfig(**{key: _coerce(key, value, _HINTS[key]) for key, value in values.items()})
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["key=value", ...]` from `--set`, each value parsed as YAML (so `lr=0.1` is a float)."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r} is invalid: write it as key=value, e.g. --set steps=10")
+        try:
+            values[key.strip()] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            values[key.strip()] = text  # a bare string with YAML-special characters, e.g. a path
+    return values
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: {str(path)!r} is invalid: no such file; pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or "not valid YAML"
+            raise ConfigError(f"config: {str(path)!r} is malformed YAML{where}: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config: {str(path)!r} is invalid: must be a YAML mapping of key: value")
+        values = loaded or {}
+    values.update(parse_overrides(list(overrides)))
+    return from_dict(values)

@@ -1,0 +1,365 @@
+"""The Orchestrator: places the replicas, starts them, runs steps in lockstep, checks them.
+
+    # one machine, a local Ray instance started for the run (CPU, gloo):
+    distrib train --config configs/local.yaml
+    # an existing cluster, one node or many (GPUs -> NCCL):
+    RAY_ADDRESS=ray://head:10001 distrib train --config configs/gpu.yaml
+
+    from distrib import Orchestrator, load_config
+    with Orchestrator(load_config("configs/local.yaml")) as orch:
+        orch.step()          # one lockstep step
+        orch.train()         # the rest of cfg.steps
+
+The driver owns the step counter, the metrics and every wait; it never touches a
+tensor's maths and imports no torch unless it must load weights. Each wait on a
+replica has a timeout, and each failure names the rank, its node and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import yaml
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
+
+from distrib import comm
+from distrib.config import ConfigError, RunConfig, to_dict
+from distrib.metrics import MetricsLog, StepMetrics, aggregate, format_summary, summarize
+from distrib.replica import Replica
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaError(RuntimeError):
+    """A replica failed, died or timed out; the message names the ranks, their nodes and the step."""
+
+    def __init__(self, message: str, *, ranks: list[int]):
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class ReplicaTimeout(ReplicaError):
+    """Replicas did not finish a call within its timeout (a hang, a stall, a lost peer)."""
+
+
+class DivergenceError(RuntimeError):
+    """Replicas that must be bit-identical are not; names the rank and the first differing tensor."""
+
+
+class PlacementError(RuntimeError):
+    """The cluster could not hold all the replicas within start_timeout_s."""
+
+
+def connect_ray(address: str | None = None) -> bool:
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS); without one, start a local
+    instance with this machine's CPUs (and GPUs). Returns True when it started a local one."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def resolve(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
+    """`cfg` with every `auto` replaced by what this cluster gets: GPU speed settings on cuda, fp32 on cpu."""
+    device = comm.resolve_device(cfg.device, cluster_gpus)
+    on_gpu = device == "cuda"
+    return cfg.replace(
+        device=device,
+        backend=comm.resolve_backend(cfg.backend, device),
+        precision=cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32"),
+        channels_last=cfg.channels_last if cfg.channels_last != "auto" else ("on" if on_gpu else "off"),
+    )
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A call queued on every replica: `steps` (first, count) or a `check` after step first - 1."""
+
+    kind: str
+    first_step: int
+    num_steps: int
+    refs: list
+
+
+class Orchestrator:
+    """Runs one training run on a group of Replica actors; use it as a context manager.
+
+    Shutdown (killing the replicas, freeing their placement group, closing files) is
+    idempotent and happens on errors and Ctrl-C as well.
+    """
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+        self.requested_cfg = cfg
+        self.cfg = cfg  # resolved (no `auto` left) by start()
+        self.progress = progress
+        self.step_count = 0
+        """Steps finished on every replica; the next step to run."""
+        self.history: list[StepMetrics] = []
+        self.checks_passed = 0
+        self.run_dir: Path | None = None
+        self._replicas: list = []
+        self._nodes: list[dict] = []
+        self._placement = None
+        self._metrics: MetricsLog | None = None
+        self._closed = False
+
+    # ---- start-up -------------------------------------------------------------------------
+    def __enter__(self) -> Orchestrator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    def start(self) -> None:
+        """Place and start the replicas, connect them, and verify they hold identical state."""
+        try:
+            connect_ray()
+            self.cfg = resolve(self.requested_cfg, cluster_gpus=ray.cluster_resources().get("GPU", 0))
+            self.run_dir = self._make_run_dir()
+            weights_ref = ray.put(self._load_weights())
+            self._place()
+            self._start_replicas(weights_ref)
+            self.check_consistency()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _make_run_dir(self) -> Path:
+        run_dir = Path(self.cfg.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run_dir: {str(run_dir)!r} already holds a run (metrics.jsonl); "
+                              "choose another run_dir or remove it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        self._metrics = MetricsLog(run_dir / "metrics.jsonl")
+        return run_dir
+
+    def _load_weights(self):
+        if self.cfg.weights == "none":
+            return None  # seeded init on each replica; no torch import in the driver
+        from distrib.model import load_weights
+
+        return load_weights(self.cfg.weights, num_classes=self.cfg.num_classes)
+
+    def _bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.cfg.cpus_per_worker}
+        if self.cfg.device == "cuda":
+            bundle["GPU"] = 1
+        return bundle
+
+    def _place(self) -> None:
+        """Reserve one bundle per worker; say what is missing while waiting, then fail clearly."""
+        cfg, bundle = self.cfg, self._bundle()
+        self._placement = placement_group([bundle] * cfg.num_workers, strategy=cfg.placement_strategy)
+        deadline = time.monotonic() + cfg.start_timeout_s
+        ready = self._placement.ready()
+        while not ray.wait([ready], timeout=min(5.0, max(0.0, deadline - time.monotonic())))[0]:
+            want = f"{cfg.num_workers} x {bundle} ({cfg.placement_strategy})"
+            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            if time.monotonic() >= deadline:
+                raise PlacementError(
+                    f"could not place {want} within {cfg.start_timeout_s:g} s; the cluster has {have} free: "
+                    "lower num_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
+            self._say(f"waiting for resources: {want}; free now: {have}")
+
+    def _start_replicas(self, weights_ref) -> None:
+        cfg = self.cfg
+        actor_class = ray.remote(Replica)
+        self._replicas = [
+            actor_class.options(
+                num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=rank),
+            ).remote(world_rank=rank, world_size=cfg.num_workers)
+            for rank in range(cfg.num_workers)
+        ]
+        self._nodes = self._wait([r.node_info.remote() for r in self._replicas], "start-up", cfg.start_timeout_s)
+        master_addr, master_port = self._wait([self._replicas[0].rendezvous_address.remote()],
+                                              "rendezvous", cfg.start_timeout_s)[0]
+        # Every rank's init must be in flight at once: each blocks until all have joined.
+        self._wait([r.setup.remote(cfg, master_addr=master_addr, master_port=master_port, weights=weights_ref)
+                    for r in self._replicas], "process-group set-up", cfg.start_timeout_s)
+        log.info("%d replicas on %s, %s/%s", cfg.num_workers, sorted({n["node"] for n in self._nodes}),
+                 cfg.device, cfg.backend)
+
+    @property
+    def replicas(self) -> list:
+        """The replicas' actor handles, index = world rank (empty before start and after shutdown)."""
+        return list(self._replicas)
+
+    # ---- waiting ---------------------------------------------------------------------------
+    def _name(self, ranks: list[int]) -> str:
+        def one(rank: int) -> str:
+            if rank < len(self._nodes):
+                node = self._nodes[rank]
+                return f"rank {rank} (node {node['node']}, pid {node['pid']})"
+            return f"rank {rank}"
+        return ", ".join(one(r) for r in ranks)
+
+    def _wait(self, refs: list, what: str, timeout_s: float) -> list:
+        """Results of one call per rank (refs[i] is rank i's), failing fast on the first error."""
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: list = [None] * len(refs)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                ranks = sorted(pending.values())
+                raise ReplicaTimeout(f"{self._name(ranks)} did not finish {what} within {timeout_s:g} s",
+                                     ranks=ranks)
+            rank = pending.pop(ready[0])
+            try:
+                results[rank] = ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:
+                raise ReplicaError(f"{self._name([rank])} died during {what}: {_first_line(err)}",
+                                   ranks=[rank]) from err
+            except ray.exceptions.RayTaskError as err:
+                raise ReplicaError(f"{self._name([rank])} failed during {what}: "
+                                   f"{type(err.cause).__name__}: {_first_line(err.cause)}", ranks=[rank]) from err
+        return results
+
+    # ---- training --------------------------------------------------------------------------
+    def step(self) -> StepMetrics:
+        """Run one lockstep step on every replica and return its metrics."""
+        return self.train(1)[-1]
+
+    def train(self, num_steps: int | None = None) -> list[StepMetrics]:
+        """Run `num_steps` more steps (default: up to cfg.steps); returns their metrics.
+
+        Keeps cfg.calls_in_flight calls queued on every replica so none waits on the
+        driver; fingerprints are compared every cfg.check_every steps and at cfg.steps.
+        """
+        cfg = self.cfg
+        end = cfg.steps if num_steps is None else self.step_count + num_steps
+        if end > cfg.steps:
+            raise ValueError(f"{num_steps} more steps would pass steps={cfg.steps}; raise steps in the config")
+        # A bar on a terminal; in a log (a job's output, CI) a plain line every tenth of the run.
+        on_terminal = sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step_count, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=not (self.progress and on_terminal))
+        log_every = max(1, cfg.steps // 10)
+        queue: deque[_Call] = deque()
+        next_step, new = self.step_count, []
+        last_done = time.perf_counter()
+        try:
+            while next_step < end or queue:
+                while next_step < end and len(queue) < cfg.calls_in_flight:
+                    count = self._call_length(next_step, end)
+                    queue.append(_Call("steps", next_step, count,
+                                       [r.run_steps.remote(next_step, count) for r in self._replicas]))
+                    next_step += count
+                    if (cfg.check_every and next_step % cfg.check_every == 0) or next_step == cfg.steps:
+                        queue.append(_Call("check", next_step, 0, [r.fingerprint.remote() for r in self._replicas]))
+                call = queue.popleft()
+                if call.kind == "check":
+                    self._compare(self._wait(call.refs, f"the check after step {call.first_step - 1}",
+                                             cfg.step_timeout_s), after_step=call.first_step - 1)
+                    continue
+                last_step = call.first_step + call.num_steps - 1
+                what = f"step {call.first_step}" if call.num_steps == 1 else f"steps {call.first_step}-{last_step}"
+                records = self._wait(call.refs, what, cfg.step_timeout_s)
+                now = time.perf_counter()
+                wall_s, last_done = (now - last_done) / call.num_steps, now
+                for i in range(call.num_steps):
+                    metrics = aggregate(step=call.first_step + i, rank_records=[r[i] for r in records],
+                                        loss_kind=cfg.loss, global_batch_size=cfg.global_batch_size,
+                                        wall_s=wall_s, finished_at=time.time())
+                    new.append(metrics)
+                    self.history.append(metrics)
+                    self._metrics.write(metrics)
+                self.step_count = last_step + 1
+                bar.update(call.num_steps)
+                bar.set_postfix(loss=f"{new[-1].loss:.4f}", img_s=f"{new[-1].images_per_s:.0f}")
+                if not on_terminal and (self.step_count % log_every < call.num_steps or self.step_count == end):
+                    self._say(f"step {self.step_count}/{cfg.steps}: loss {new[-1].loss:.4f}, "
+                              f"{new[-1].images_per_s:.0f} images/s")
+        finally:
+            bar.close()
+        if self.step_count == cfg.steps:
+            self._write_summary()
+        return new
+
+    def _call_length(self, first_step: int, end: int) -> int:
+        """Steps in the next call: steps_per_call, cut so calls end on check steps and at `end`."""
+        count = min(self.cfg.steps_per_call, end - first_step)
+        if self.cfg.check_every:
+            count = min(count, self.cfg.check_every - first_step % self.cfg.check_every)
+        return count
+
+    def check_consistency(self) -> None:
+        """Compare every replica's parameters, momentum and buffers with rank 0's, bit for bit."""
+        prints = self._wait([r.fingerprint.remote() for r in self._replicas],
+                            f"the check after step {self.step_count - 1}", self.cfg.step_timeout_s)
+        self._compare(prints, after_step=self.step_count - 1)
+
+    def _compare(self, prints: list[list[tuple[str, int]]], *, after_step: int) -> None:
+        when = "at start-up" if after_step < 0 else f"after step {after_step}"
+        for rank, theirs in enumerate(prints[1:], start=1):
+            for (name, ours_sum), (their_name, their_sum) in zip(prints[0], theirs):
+                if name != their_name or ours_sum != their_sum:
+                    raise DivergenceError(f"replicas diverged {when}: {self._name([rank])} differs from rank 0, "
+                                          f"first in {name}")
+            if len(theirs) != len(prints[0]):
+                raise DivergenceError(f"replicas diverged {when}: {self._name([rank])} holds "
+                                      f"{len(theirs)} state tensors, rank 0 holds {len(prints[0])}")
+        self.checks_passed += 1
+
+    def state(self) -> dict:
+        """Rank 0's model and optimizer state (CPU tensors), after a consistency check, so it
+        stands for every replica."""
+        self.check_consistency()
+        return self._wait([self._replicas[0].state.remote()], "the state read", self.cfg.step_timeout_s)[0]
+
+    def summary(self) -> dict:
+        """Throughput and phase times over the steps run so far (the first step is warm-up)."""
+        return summarize(self.history, global_batch_size=self.cfg.global_batch_size)
+
+    def _write_summary(self) -> None:
+        summary = {**self.summary(), "checks_passed": self.checks_passed, "num_workers": self.cfg.num_workers,
+                   "device": self.cfg.device, "backend": self.cfg.backend}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._say(format_summary(summary))
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text, file=sys.stderr)
+
+    # ---- shutdown --------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Kill the replicas and free their placement group; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for replica in self._replicas:
+            try:
+                ray.kill(replica, no_restart=True)
+            except Exception:  # already dead: nothing left to free
+                pass
+        self._replicas = []
+        if self._placement is not None:
+            try:
+                remove_placement_group(self._placement)
+            except Exception:
+                pass
+            self._placement = None
+        if self._metrics is not None:
+            self._metrics.close()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,62 @@
+"""The Ray actor that holds one replica. The driver creates one per worker.
+
+This module imports no torch at its top, so the driver can hold the actor class
+without paying torch's import time; the actor imports the trainer (and torch)
+as soon as it starts, in parallel with its peers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from distrib import comm
+from distrib.config import RunConfig
+
+
+class Replica:
+    """One replica: a process-group member with its model, optimizer and data shard.
+
+    Calls from the driver run in submission order (a Ray actor runs one call at a
+    time), so the driver can queue steps ahead and insert fingerprint calls between them.
+    """
+
+    def __init__(self, *, world_rank: int, world_size: int):
+        import distrib.trainer  # noqa: F401  (start torch's import now, while the driver places peers)
+
+        self.world_rank = world_rank
+        self.world_size = world_size
+        self._trainer = None
+
+    def node_info(self) -> dict:
+        """Where this replica runs: used to name it in every error."""
+        return {"node": comm.node_address(), "host": comm.host_name(), "pid": os.getpid(),
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port for the group's TCP store (asked of rank 0)."""
+        return comm.node_address(), comm.free_port()
+
+    def setup(self, cfg: RunConfig, *, master_addr: str, master_port: int, weights) -> None:
+        """Join the process group, then build the replica. All ranks must be called together."""
+        from distrib.trainer import Trainer
+
+        comm.init_process_group(backend=cfg.backend, master_addr=master_addr, master_port=master_port,
+                                world_rank=self.world_rank, world_size=self.world_size,
+                                timeout_s=cfg.start_timeout_s)
+        self._trainer = Trainer(cfg, world_rank=self.world_rank, weights=weights)
+
+    def run_steps(self, first_step: int, num_steps: int) -> list[dict]:
+        """See Trainer.run_steps. Collective: every rank gets the same call."""
+        return self._trainer.run_steps(first_step, num_steps)
+
+    def fingerprint(self) -> list[tuple[str, int]]:
+        """See Trainer.fingerprint. Collective."""
+        return self._trainer.fingerprint()
+
+    def state(self) -> dict:
+        """See Trainer.state: model and optimizer state on the CPU, for the driver to keep."""
+        return self._trainer.state()
+
+    def shutdown(self) -> None:
+        """Leave the process group; safe to call twice."""
+        comm.destroy_process_group()

@@ -1,0 +1,200 @@
+"""One replica's maths: resnet18 under DDP, SGD with momentum, the step loop, fingerprints.
+
+Runs inside a Replica actor once the process group exists. Steps stay on the
+device: synthetic data is made there, losses and phase timings are kept on the
+device (CUDA events on a GPU) and read once per `run_steps` call, so a call of
+k steps synchronises with the host once, not k times.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from distrib import comm
+from distrib.config import RunConfig
+from distrib.data import ShardSource
+from distrib.metrics import PHASES
+from distrib.model import StateDict, build_model
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Clock:
+    """Marks points in a step; CUDA events on a GPU (no host sync until read), wall time on CPU."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        return start.elapsed_time(end) / 1e3 if self._cuda else end - start
+
+
+class Trainer:
+    """Holds the replica; every method that touches gradients or buffers is collective.
+
+    All ranks must call `run_steps` with the same arguments, and `fingerprint` together.
+    """
+
+    def __init__(self, cfg: RunConfig, *, world_rank: int, weights: StateDict | None):
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device: cuda, but this worker sees no GPU (CUDA_VISIBLE_DEVICES="
+                               f"{torch.cuda.device_count()} devices)")
+        self.cfg = cfg
+        self.world_rank = world_rank
+        self.world_size = comm.world_size()
+        self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
+        # Ray reserves cpus_per_worker for this process; more threads would oversubscribe the node.
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        self._memory_format = torch.channels_last if cfg.channels_last == "on" else torch.contiguous_format
+
+        self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)
+        self.model.to(self.device, memory_format=self._memory_format)
+        if cfg.batchnorm == "frozen":
+            for module in self.model.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
+        # before every fingerprint and state read instead (see sync_buffers), saving a
+        # collective per step. Newer torch renamed the switch.
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        self.ddp = DistributedDataParallel(
+            self.model, device_ids=[0] if self.device.type == "cuda" else None,
+            bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
+        self._forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        # The scaler's skip decision reads gradients after DDP's all-reduce, which are
+        # identical on every rank, so every rank skips the same steps.
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self._amp_dtype = _AMP_DTYPES.get(cfg.precision)
+        # DDP averages gradients over ranks. The sum loss is defined on the global batch, so each
+        # rank's share is scaled by the world size to make the average equal the global gradient.
+        self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
+        self.data = ShardSource(cfg, world_rank=world_rank, device=self.device)
+        self._clock = _Clock(self.device)
+
+    def _loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
+                            enabled=self._amp_dtype is not None):
+            outputs = self._forward(images)
+        if self.cfg.loss == "sum":
+            return (outputs.float() - targets).sum()
+        return torch.nn.functional.cross_entropy(outputs.float(), targets)
+
+    def run_steps(self, first_step: int, num_steps: int) -> list[dict]:
+        """Train steps first_step .. first_step + num_steps - 1; one record per step.
+
+        Each record holds this rank's loss on its shard (mean or sum, as the config says)
+        and the seconds spent in each phase.
+        """
+        losses = torch.empty(num_steps, device=self.device)
+        marks = []
+        for i, step in enumerate(range(first_step, first_step + num_steps)):
+            t0 = self._clock.mark()
+            images, targets = self.data.batch(step)
+            images = images.contiguous(memory_format=self._memory_format)
+            t1 = self._clock.mark()
+            loss = self._loss(images, targets)
+            t2 = self._clock.mark()
+            scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            t3 = self._clock.mark()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses[i] = loss.detach()
+            t4 = self._clock.mark()
+            marks.append((t0, t1, t2, t3, t4))
+        # The one host synchronisation of the call.
+        loss_values = losses.tolist()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        records = []
+        for step, loss_value, m in zip(range(first_step, first_step + num_steps), loss_values, marks):
+            phases = [self._clock.seconds(a, b) for a, b in zip(m, m[1:])]
+            records.append({"step": step, "loss": loss_value, **dict(zip(PHASES, phases))})
+        return records
+
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm running stats) over ranks. Collective.
+
+        In train mode each rank's running stats follow its own shard; forward never reads them,
+        so they are reconciled only where they are observed: fingerprints and saved state.
+        """
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        if self.world_size == 1 or not buffers:
+            return
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        comm.all_reduce_mean_(flat)
+        for buffer, averaged in zip(buffers, flat.split([b.numel() for b in buffers])):
+            buffer.copy_(averaged.view_as(buffer))
+
+    def state(self) -> dict:
+        """Model and optimizer state dicts, copied to the CPU. Call after fingerprint (which
+        reconciles BatchNorm buffers) so every rank would give the same answer."""
+        to_cpu = lambda tree: _map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa: E731
+        return {"model": to_cpu(self.model.state_dict()), "optimizer": to_cpu(self.optimizer.state_dict())}
+
+    def named_state_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Parameters, momentum buffers and module buffers, in a fixed order with names."""
+        tensors = [(f"param:{n}", p) for n, p in self.model.named_parameters()]
+        for name, param in self.model.named_parameters():
+            momentum = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            if momentum is not None:
+                tensors.append((f"momentum:{name}", momentum))
+        tensors += [(f"buffer:{n}", b) for n, b in self.model.named_buffers()]
+        return tensors
+
+    def fingerprint(self) -> list[tuple[str, int]]:
+        """(name, checksum) for every state tensor, after sync_buffers. Collective.
+
+        The checksum is sum_i bits_i * (i mod 65521 + 1) over the tensor's raw bit patterns,
+        in int64: computed on the device, one host transfer for all tensors. A change in one
+        element of up to 4 bytes always changes it (|bit difference| * weight < 2**48, never 0
+        modulo 2**64); several changes cancelling out is vanishingly unlikely.
+        """
+        self.sync_buffers()
+        named = self.named_state_tensors()
+        sums = torch.stack([_checksum(t) for _, t in named]).tolist()
+        return [(name, value) for (name, _), value in zip(named, sums)]
+
+
+def _map_tensors(tree, fn):
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(v, fn) for v in tree)
+    return tree
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksum(tensor: torch.Tensor) -> torch.Tensor:
+    bits = tensor.detach().contiguous().reshape(-1).view(_INT_OF_SIZE[tensor.element_size()]).to(torch.int64)
+    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+    return (bits * weights).sum()

@@ -1,0 +1,41 @@
+"""Shared fixtures: one local Ray instance for the whole test session, small fast configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from distrib.config import RunConfig
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with 4 logical CPUs (2 replicas plus room), shut down at the end."""
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def small_cfg(tmp_path) -> RunConfig:
+    """2 CPU workers, 32 px images, batch 4 each, a 10-class head: a step takes milliseconds."""
+    return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
+                     steps=4, lr=0.05, check_every=2, loader_workers=0, run_dir=str(tmp_path / "run"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly where torch sees no CUDA device (CI has none)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")

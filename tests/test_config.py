@@ -1,0 +1,79 @@
+"""Config loading and validation: every kind of bad input gives one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from distrib import config
+from distrib.config import ConfigError, RunConfig
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_local_run():
+    cfg = config.load(None)
+    assert cfg == RunConfig()
+    assert (cfg.num_workers, cfg.device, cfg.data) == (2, "auto", "synthetic")
+
+
+def test_yaml_and_overrides(tmp_path):
+    cfg = config.load(write(tmp_path, "num_workers: 3\nlr: 1\nnesterov: true\n"),
+                      ["steps=7", "placement_strategy=SPREAD", "momentum=0.5"])
+    assert cfg.num_workers == 3 and cfg.steps == 7 and cfg.placement_strategy == "SPREAD"
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.nesterov and cfg.momentum == 0.5
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        RunConfig().steps = 3
+
+
+@pytest.mark.parametrize(("text", "overrides", "expected"), [
+    ("num_wokers: 2\n", [], "num_wokers: unknown key; did you mean 'num_workers'?"),
+    ("steps: ten\n", [], "steps: 'ten' is invalid: must be an integer"),
+    ("nesterov: 1\n", [], "nesterov: 1 is invalid: must be true or false"),
+    ("lr: -0.1\n", [], "lr: -0.1 is invalid: must be > 0"),
+    ("momentum: 1.5\n", [], "momentum: 1.5 is invalid: must be in [0, 1)"),
+    ("device: tpu\n", [], "device: 'tpu' is invalid: must be one of auto | cpu | cuda"),
+    ("", ["image_size=16"], "image_size: 16 is invalid: must be >= 32"),
+    ("", ["lr"], "--set 'lr' is invalid: write it as key=value"),
+    ("loss: sum\ndata: fake\n", [], "the sum loss needs uniform targets"),
+    ("data: folder\n", [], "data_dir: '' is invalid: data: folder needs data_dir"),
+    ("weights: model.bin\n", [], "weights: 'model.bin' is invalid"),
+    ("- 1\n- 2\n", [], "must be a YAML mapping"),
+])
+def test_bad_values_name_key_value_and_rule(tmp_path, text, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, text), overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
+        config.load(write(tmp_path, "steps: 3\nlr: [0.1\n"))
+
+
+def test_replace_validates():
+    assert RunConfig().replace(steps=5).steps == 5
+    with pytest.raises(ConfigError, match="num_workers"):
+        RunConfig().replace(num_workers=0)
+
+
+@pytest.mark.parametrize("command", ["check", "train"])
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, command):
+    path = write(tmp_path, "batch_size_per_worker: 0\n")
+    done = subprocess.run([sys.executable, "-m", "distrib", command, "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("distrib: error: batch_size_per_worker: 0 is invalid: must be >= 1")
+    assert "Traceback" not in done.stderr and done.stdout == ""

@@ -1,0 +1,136 @@
+"""Real Ray actors and real gloo process groups on the CPU: lockstep training behaves as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import torchvision
+
+from distrib import DivergenceError, Orchestrator
+from distrib.tutorial import plain_tutorial_step, seed_step
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def all_rank_states(orch: Orchestrator) -> list[dict]:
+    orch.check_consistency()  # reconciles BatchNorm buffers, as every state read does
+    return ray.get([replica.state.remote() for replica in orch.replicas])
+
+
+def flat_state(state: dict) -> dict[str, torch.Tensor]:
+    """Parameters, BatchNorm buffers and momentum buffers under one namespace."""
+    tensors = {f"model.{k}": v for k, v in state["model"].items()}
+    for index, entry in state["optimizer"]["state"].items():
+        tensors[f"momentum.{index}"] = entry["momentum_buffer"]
+    return tensors
+
+
+def test_two_replicas_stay_bit_identical(small_cfg):
+    with Orchestrator(small_cfg, progress=False) as orch:
+        initial = flat_state(all_rank_states(orch)[0])
+        metrics = orch.train()
+        rank0, rank1 = (flat_state(s) for s in all_rank_states(orch))
+        run_dir = orch.run_dir
+    assert [m.step for m in metrics] == [0, 1, 2, 3]
+    assert orch.checks_passed >= 3  # start-up, after step 1, after step 3
+    assert rank0.keys() == rank1.keys() and any(k.startswith("momentum.") for k in rank0)
+    assert any("running_mean" in k for k in rank0)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert not torch.equal(rank0["model.fc.weight"], initial["model.fc.weight"])  # it did train
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize(("loss", "data_source"), [("cross_entropy", "synthetic"), ("sum", "synthetic"),
+                                                    ("cross_entropy", "fake")])
+def test_n_workers_equal_one_worker_on_the_same_global_batch(small_cfg, tmp_path, loss, data_source):
+    """2 workers x batch 4 == 1 worker x batch 8, up to float32 summation order.
+
+    BatchNorm is frozen (eval mode), so its statistics do not depend on the sharding.
+    The two runs add the same numbers in a different order (two half-batch gradients
+    averaged by the all-reduce vs one full batch), so they agree to float32 rounding,
+    not bit for bit: after 3 steps we allow 1e-4 relative, 1e-6 absolute. A wrong shard,
+    a missing rescale of the sum loss or unsynchronised gradients breaks this by orders
+    of magnitude (checked below against an honest step of training).
+    """
+    # The sum loss grows with the batch, so it needs a far smaller step to stay finite.
+    base = small_cfg.replace(loss=loss, data=data_source, batchnorm="frozen", steps=3, dataset_size=64,
+                             lr=1e-4 if loss == "sum" else 0.05)
+    results = {}
+    for workers, batch in ((2, 4), (1, 8)):
+        cfg = base.replace(num_workers=workers, batch_size_per_worker=batch, run_dir=str(tmp_path / f"w{workers}"))
+        with Orchestrator(cfg, progress=False) as orch:
+            start = flat_state(orch.state())
+            metrics = orch.train()
+            results[workers] = (flat_state(orch.state()), [m.loss for m in metrics])
+    (two, two_losses), (one, one_losses) = results[2], results[1]
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+    moved = max((one[k] - start[k]).abs().max().item() for k in one if k in start)
+    assert moved > 1e-3
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tutorial_step_is_reproduced_exactly():
+    result = seed_step(seed=0, device="cpu")
+    assert result.max_param_diff == 0.0
+    assert result.distrib_loss == result.plain_loss
+    other_loss, _ = plain_tutorial_step(seed=1, device="cpu", weights=None)
+    assert other_loss != result.plain_loss  # the comparison is sensitive to the seed
+
+
+def test_weights_file_reaches_every_replica(small_cfg, tmp_path):
+    torch.manual_seed(123)
+    weights = torchvision.models.resnet18(num_classes=10).state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(weights, path)
+    with Orchestrator(small_cfg.replace(weights=str(path)), progress=False) as orch:
+        states = [flat_state(s) for s in all_rank_states(orch)]
+    for state in states:
+        assert torch.equal(state["model.conv1.weight"], weights["conv1.weight"])
+
+
+def test_divergence_is_named(small_cfg):
+    with Orchestrator(small_cfg, progress=False) as orch:
+        prints = ray.get([r.fingerprint.remote() for r in orch.replicas])
+        name, value = prints[1][5]
+        prints[1][5] = (name, value + 1)
+        with pytest.raises(DivergenceError, match=rf"rank 1 \(node .*\) differs from rank 0, first in {name}"):
+            orch._compare(prints, after_step=3)
+
+
+def test_image_folder_data(small_cfg, tmp_path):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 48), color=(i * 80, 10, 200 if label == "cat" else 0)).save(
+                tmp_path / "images" / label / f"{i}.png")
+    cfg = small_cfg.replace(data="folder", data_dir=str(tmp_path / "images"), num_classes=2, steps=2)
+    with Orchestrator(cfg, progress=False) as orch:
+        metrics = orch.train()
+    assert len(metrics) == 2 and all(m.loss > 0 for m in metrics)
+
+
+def test_cli_default_config_end_to_end(tmp_path):
+    """The README's run command, shortened: its own local Ray, exit 0, metrics written."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "distrib", "train", "--config", str(REPO / "configs" / "local.yaml"),
+         "--set", "steps=3", "--set", f"run_dir={tmp_path / 'cli-run'}"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "cli-run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1, 2]
+    assert "images/s" in done.stderr and "run directory" in done.stdout

@@ -1,0 +1,103 @@
+"""Pure units: sharding maths, dataset order, metric aggregation, state checksums, weights files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from distrib import data
+from distrib.config import ConfigError, RunConfig
+from distrib.metrics import aggregate, summarize
+from distrib.model import load_weights
+from distrib.trainer import _checksum
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "sum"])
+def test_shards_of_two_workers_make_the_one_worker_batch(loss):
+    kwargs = dict(seed=3, step=5, global_batch_size=8, image_size=32, num_classes=10, loss=loss)
+    images, targets = data.synthetic_global_batch(**kwargs)
+    shards = [(images[data.shard_rows(r, 4)], targets[data.shard_rows(r, 4)]) for r in range(2)]
+    assert torch.equal(torch.cat([s[0] for s in shards]), images)
+    assert torch.equal(torch.cat([s[1] for s in shards]), targets)
+    again, _ = data.synthetic_global_batch(**kwargs)
+    other_step, _ = data.synthetic_global_batch(**{**kwargs, "step": 6})
+    assert torch.equal(again, images) and not torch.equal(other_step, images)
+    assert targets.shape == ((8, 10) if loss == "sum" else (8,))
+
+
+def test_step_seed_is_injective_over_seed_and_step():
+    seeds = {data.step_seed(seed, step) for seed in (0, 1, 2**31 - 1) for step in (0, 1, 2**32 - 1)}
+    assert len(seeds) == 9
+
+
+def test_stream_positions_cover_each_epoch_once():
+    size, global_batch = 10, 4
+    positions = [p for step in range(5) for rank in range(2)
+                 for p in data.shard_positions(step=step, world_rank=rank, batch_size_per_worker=2,
+                                               global_batch_size=global_batch)]
+    assert positions == list(range(20))
+    indices = data.dataset_indices(range(20), seed=1, dataset_size=size)
+    assert sorted(indices[:10]) == list(range(10)) and sorted(indices[10:]) == list(range(10))
+    assert indices[:10] != indices[10:]  # a fresh permutation each epoch
+
+
+def test_aggregate_defines_the_loss_on_the_global_batch():
+    records = [{"loss": 2.0, "data_s": 0.1, "forward_s": 0.2, "backward_s": 0.3, "optimizer_s": 0.1},
+               {"loss": 4.0, "data_s": 0.1, "forward_s": 0.4, "backward_s": 0.3, "optimizer_s": 0.1}]
+    mean = aggregate(step=0, rank_records=records, loss_kind="cross_entropy", global_batch_size=8,
+                     wall_s=0.5, finished_at=0.0)
+    total = aggregate(step=0, rank_records=records, loss_kind="sum", global_batch_size=8, wall_s=0.5,
+                      finished_at=0.0)
+    assert mean.loss == 3.0 and total.loss == 6.0
+    assert mean.images_per_s == 16.0 and mean.forward_s == pytest.approx(0.3)
+    assert mean.step_s == pytest.approx(0.9)  # the slowest rank
+    summary = summarize([mean, total, mean], global_batch_size=8)
+    assert summary["timed_steps"] == 2 and summary["images_per_s"] == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.float64])
+def test_checksum_sees_any_single_element_change(dtype):
+    tensor = (torch.arange(1000) % 17).to(dtype)
+    base = int(_checksum(tensor))
+    assert int(_checksum(tensor.clone())) == base
+    for index in (0, 1, 500, 999):
+        changed = tensor.clone()
+        changed[index] += 1
+        assert int(_checksum(changed)) != base
+    swapped = tensor.clone()
+    swapped[[3, 4]] = swapped[[4, 3]]
+    assert int(_checksum(swapped)) != base  # position matters, not just the multiset
+
+
+def test_weights_file_is_checked_against_the_model(tmp_path):
+    path = tmp_path / "ten.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    state = load_weights(str(path), num_classes=10)
+    assert state["fc.weight"].shape == (10, 512)
+    with pytest.raises(ConfigError, match=r"does not fit resnet18 with num_classes=1000 \(first mismatch: fc"):
+        load_weights(str(path), num_classes=1000)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="could not be loaded"):
+        load_weights(str(garbage), num_classes=10)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_weights(str(tmp_path / "absent.pth"), num_classes=10)
+
+
+def test_default_weights_offline_names_file_and_cache(tmp_path, monkeypatch):
+    """No network and no cached file: the error names the file and the folder to put it in."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError) as err:
+        load_weights("DEFAULT", num_classes=1000)
+    assert "resnet18-f37072fd.pth" in str(err.value) and str(tmp_path / "hub" / "checkpoints") in str(err.value)
+
+
+def test_run_config_rejects_sum_loss_on_real_data():
+    with pytest.raises(ConfigError):
+        RunConfig(loss="sum", data="fake")
