@@ -42,7 +42,7 @@ class RunConfig:
     """Height and width of the (square) input images, in pixels."""
     num_classes: int = 1000
     """Output classes of the resnet18 head."""
-    steps: int = 30
+    steps: int = 60
     """Optimizer steps to run."""
     lr: float = 0.01
     """SGD learning rate."""
@@ -73,8 +73,9 @@ class RunConfig:
     """DataLoader worker processes per replica for fake and folder data."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto` is bf16 autocast on cuda and fp32 on cpu; fp16 adds a gradient scaler."""
-    channels_last: Literal["auto", "on", "off"] = "auto"
-    """NHWC memory layout; `auto` is on for cuda, off for cpu."""
+    channels_last: bool = True
+    """NHWC memory layout for the model and its inputs: the fast layout for tensor cores;
+    on a CPU, forward is ~15% faster and DDP's backward a little slower (measured at 64 px)."""
     compile: bool = False
     """torch.compile the model (costs start-up time, pays off on long GPU runs)."""
     cudnn_benchmark: bool = True

@@ -81,7 +81,6 @@ def resolve(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
         device=device,
         backend=comm.resolve_backend(cfg.backend, device),
         precision=cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32"),
-        channels_last=cfg.channels_last if cfg.channels_last != "auto" else ("on" if on_gpu else "off"),
     )
 
 

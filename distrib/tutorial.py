@@ -23,7 +23,7 @@ def tutorial_config(*, seed: int, device: str, weights: str) -> RunConfig:
     """The run config that makes the orchestrator do the tutorial's step."""
     return RunConfig(num_workers=1, device=device, batch_size_per_worker=1, image_size=64, num_classes=1000,
                      steps=1, lr=1e-2, momentum=0.9, seed=seed, loss="sum", weights=weights,
-                     precision="fp32", channels_last="off", cudnn_benchmark=False,
+                     precision="fp32", channels_last=False, cudnn_benchmark=False,
                      run_dir="runs/seed-step-{time}")
 
 

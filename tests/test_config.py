@@ -77,3 +77,23 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, command):
     assert done.returncode == 2
     assert done.stderr.strip() == ("distrib: error: batch_size_per_worker: 0 is invalid: must be >= 1")
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_readme_documents_every_key_with_its_default():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| .*? \| `([^`]*)` \|", readme, flags=re.M))
+    for field in dataclasses.fields(RunConfig):
+        assert field.name in rows, f"README lacks {field.name}"
+        assert rows[field.name] == str(field.default), f"README default of {field.name}"
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"):
+        if "sweep" not in path.name:
+            config.load(path)

@@ -10,7 +10,7 @@ from distrib import data
 from distrib.config import ConfigError, RunConfig
 from distrib.metrics import aggregate, summarize
 from distrib.model import load_weights
-from distrib.trainer import _checksum
+from distrib.trainer import _device_checksum, _host_checksum
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "sum"])
@@ -57,17 +57,18 @@ def test_aggregate_defines_the_loss_on_the_global_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.float64])
-def test_checksum_sees_any_single_element_change(dtype):
+@pytest.mark.parametrize("checksum", [_host_checksum, lambda t: int(_device_checksum(t))], ids=["host", "device"])
+def test_checksum_sees_any_single_element_change(dtype, checksum):
     tensor = (torch.arange(1000) % 17).to(dtype)
-    base = int(_checksum(tensor))
-    assert int(_checksum(tensor.clone())) == base
+    base = checksum(tensor)
+    assert checksum(tensor.clone()) == base
     for index in (0, 1, 500, 999):
         changed = tensor.clone()
         changed[index] += 1
-        assert int(_checksum(changed)) != base
+        assert checksum(changed) != base
     swapped = tensor.clone()
     swapped[[3, 4]] = swapped[[4, 3]]
-    assert int(_checksum(swapped)) != base  # position matters, not just the multiset
+    assert checksum(swapped) != base  # position matters, not just the multiset
 
 
 def test_weights_file_is_checked_against_the_model(tmp_path):
