@@ -324,8 +324,9 @@ class Orchestrator:
         return self._wait([self._replicas[0].state.remote()], "the state read", self.cfg.step_timeout_s)[0]
 
     def summary(self) -> dict:
-        """Throughput and phase times over the steps run so far (the first step is warm-up)."""
-        return summarize(self.history, global_batch_size=self.cfg.global_batch_size)
+        """Throughput and phase times over the steps run so far; the first call's steps are warm-up."""
+        return summarize(self.history, global_batch_size=self.cfg.global_batch_size,
+                         warmup_steps=self.cfg.steps_per_call)
 
     def _write_summary(self) -> None:
         summary = {**self.summary(), "checks_passed": self.checks_passed, "num_workers": self.cfg.num_workers,

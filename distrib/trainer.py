@@ -9,6 +9,7 @@ k steps synchronises with the host once, not k times.
 from __future__ import annotations
 
 import inspect
+import os
 import time
 import zlib
 
@@ -51,7 +52,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, world_rank: int, weights: StateDict | None):
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device: cuda, but this worker sees no GPU (CUDA_VISIBLE_DEVICES="
-                               f"{torch.cuda.device_count()} devices)")
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         self.cfg = cfg
         self.world_rank = world_rank
         self.world_size = comm.world_size()
@@ -69,17 +70,14 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
-        # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
-        # before every fingerprint and state read instead (see sync_buffers), saving a
-        # collective per step. Newer torch renamed the switch.
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        self.ddp = DistributedDataParallel(
-            self.model, device_ids=[0] if self.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
-        self._forward = torch.compile(self.ddp) if cfg.compile else self.ddp
+        # With one rank there is nothing to all-reduce (DDP would divide by 1): the plain
+        # module gives the same numbers without DDP's per-step hooks and launches.
+        module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
+        self._forward = torch.compile(module) if cfg.compile else module
+        # fused: one kernel for the whole update on a GPU instead of a few per parameter group.
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+                                         weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                                         fused=self.device.type == "cuda")
         # The scaler's skip decision reads gradients after DDP's all-reduce, which are
         # identical on every rank, so every rank skips the same steps.
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -89,6 +87,16 @@ class Trainer:
         self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
         self.data = ShardSource(cfg, world_rank=world_rank, device=self.device)
         self._clock = _Clock(self.device)
+
+    def _wrap_ddp(self, cfg: RunConfig) -> DistributedDataParallel:
+        # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
+        # before every fingerprint and state read instead (see sync_buffers), saving a
+        # collective per step. Newer torch renamed the switch.
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        return DistributedDataParallel(
+            self.model, device_ids=[0] if self.device.type == "cuda" else None,
+            bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
 
     def _loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
@@ -104,9 +112,8 @@ class Trainer:
         Each record holds this rank's loss on its shard (mean or sum, as the config says)
         and the seconds spent in each phase.
         """
-        losses = torch.empty(num_steps, device=self.device)
-        marks = []
-        for i, step in enumerate(range(first_step, first_step + num_steps)):
+        losses, marks = [], []
+        for step in range(first_step, first_step + num_steps):
             t0 = self._clock.mark()
             images, targets = self.data.batch(step)
             images = images.contiguous(memory_format=self._memory_format)
@@ -125,11 +132,11 @@ class Trainer:
             else:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses[i] = loss.detach()
+            losses.append(loss.detach())
             t4 = self._clock.mark()
             marks.append((t0, t1, t2, t3, t4))
         # The one host synchronisation of the call.
-        loss_values = losses.tolist()
+        loss_values = torch.stack(losses).tolist()
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         records = []

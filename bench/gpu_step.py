@@ -1,0 +1,118 @@
+"""distrib against a bare PyTorch training loop on one GPU, same settings, one run.
+
+World size 1 (NCCL cannot put two ranks on one GPU). For each workload the bare
+loop (in this process) and distrib (one Ray actor, driven call by call) train
+resnet18 on synthetic data made on the GPU, with bf16 autocast, channels_last
+and cuDNN autotuning; warm-up steps are not timed. Rounds alternate the two, and
+the best round of each is compared. Also runs the tutorial's step (1 image,
+64 px, fp32) through distrib and plainly, and prints both losses.
+
+    python bench/gpu_step.py [--rounds 2] [--json results.json]
+    python bench/gpu_step.py --device cpu --quick     # a smoke run of the script itself
+
+Targets: 224 px / batch 256: distrib / bare >= 0.98; 64 px / batch 32: >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import ray
+import torch
+import torchvision
+
+from distrib import Orchestrator, RunConfig
+from distrib.tutorial import seed_step
+
+
+def bare_loop(*, device: str, image_size: int, batch_size: int, precision: str, warmup: int, steps: int) -> float:
+    """images/s of the loop a user would write by hand with the same settings."""
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    fmt = torch.channels_last
+    model = torchvision.models.resnet18().to(device, memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        images = torch.rand(batch_size, 3, image_size, image_size, generator=gen, device=device)
+        images = images.contiguous(memory_format=fmt)
+        labels = torch.randint(0, 1000, (batch_size,), generator=gen, device=device)
+        with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
+            outputs = model(images)
+        loss = torch.nn.functional.cross_entropy(outputs.float(), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    loss.item()  # waits for the last step
+    elapsed = time.perf_counter() - start
+    del model, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return steps * batch_size / elapsed
+
+
+def distrib_run(*, device: str, image_size: int, batch_size: int, precision: str, warmup: int, steps: int,
+                steps_per_call: int) -> float:
+    """images/s of distrib, driver wall time after the first (warm-up) call."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig(num_workers=1, device=device, batch_size_per_worker=batch_size, image_size=image_size,
+                        precision=precision, channels_last=True, steps=warmup + steps, steps_per_call=steps_per_call,
+                        check_every=0, run_dir=f"{tmp}/run")
+        assert warmup == steps_per_call, "the first call is the warm-up"
+        with Orchestrator(cfg, progress=False) as orch:
+            orch.train()
+            return orch.summary()["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script itself")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    ray.init(include_dashboard=False, logging_level="WARNING")
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    # (image size, batch, timed steps, steps per distrib call; the first call is the warm-up)
+    workloads = [(224, 256, 100, 10), (64, 32, 400, 20)]
+    if args.quick:
+        workloads = [(64, 8, 6, 2), (32, 4, 6, 3)]
+    results = []
+    for image_size, batch_size, steps, per_call in workloads:
+        common = dict(device=args.device, image_size=image_size, batch_size=batch_size, precision=precision,
+                      warmup=per_call, steps=steps)
+        bare, ours = [], []
+        for _ in range(args.rounds):
+            bare.append(bare_loop(**common))
+            ours.append(distrib_run(**common, steps_per_call=per_call))
+            print(f"{image_size} px, batch {batch_size}: bare {bare[-1]:9.1f} img/s, distrib {ours[-1]:9.1f} img/s",
+                  flush=True)
+        results.append({"gpu": gpu, "image_size": image_size, "batch_size": batch_size, "precision": precision,
+                        "channels_last": True, "steps_per_call": per_call, "bare_images_per_s": max(bare),
+                        "distrib_images_per_s": max(ours), "ratio": max(ours) / max(bare)})
+    tutorial = seed_step(seed=0, device=args.device)
+    print(f"\n{gpu}, torch {torch.__version__}, best of {args.rounds}:")
+    print("| image px | batch | bare loop img/s | distrib img/s | distrib / bare |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['image_size']} | {r['batch_size']} | {r['bare_images_per_s']:.0f} | "
+              f"{r['distrib_images_per_s']:.0f} | {r['ratio']:.3f} |")
+    print(f"tutorial step: loss through distrib {tutorial.distrib_loss!r}, plain {tutorial.plain_loss!r}, "
+          f"largest parameter difference {tutorial.max_param_diff!r}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workloads": results, "tutorial": tutorial.__dict__, "torch": torch.__version__}, f, indent=2)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
