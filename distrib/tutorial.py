@@ -28,7 +28,19 @@ def tutorial_config(*, seed: int, device: str, weights: str) -> RunConfig:
 
 
 def plain_tutorial_step(*, seed: int, device: str, weights: dict | None) -> tuple[float, dict]:
-    """The tutorial's code, in this process: returns (loss, model state dict on the CPU)."""
+    """The tutorial's code, in this process: returns (loss, model state dict on the CPU).
+
+    Runs with cuDNN autotuning off, as the replica does for this check (the setting is
+    process-wide, so it is restored afterwards)."""
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        return _tutorial_code(seed=seed, device=device, weights=weights)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _tutorial_code(*, seed: int, device: str, weights: dict | None) -> tuple[float, dict]:
     torch.manual_seed(seed)
     model = torchvision.models.resnet18()
     if weights is not None:
