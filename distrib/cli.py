@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
 from distrib import config
+from distrib.checkpoint import CheckpointError
 from distrib.config import ConfigError
 
 
@@ -28,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run a training job")
     add_config_args(train)
     train.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its newest valid checkpoint (with its config.yaml and --set)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar or summary on stderr")
 
     seed = commands.add_parser("seed-step", help="the tutorial's step through distrib vs a plain script")
@@ -44,9 +48,17 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from distrib.driver import Orchestrator, connect_ray
 
-    cfg = config.load(args.config, args.overrides)
+    if args.resume:
+        if args.config:
+            raise ConfigError("--config and --resume: pick one; a resumed run uses RUN_DIR/config.yaml (and --set)")
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume!r} is invalid: no config.yaml there; give a run directory")
+        cfg = config.load(saved, args.overrides)
+    else:
+        cfg = config.load(args.config, args.overrides)
     connect_ray(args.address)
-    with Orchestrator(cfg, progress=not args.no_progress) as orch:
+    with Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume) as orch:
         try:
             orch.train()
         except KeyboardInterrupt:
@@ -81,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"train": _train, "seed-step": _seed_step, "check": _check}[args.command](args)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"distrib: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

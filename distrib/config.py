@@ -92,10 +92,24 @@ class RunConfig:
     """Compare replica fingerprints every this many steps (and at the end); 0 = end only."""
     run_dir: str = "runs/{time}"
     """Where metrics and summaries go; `{time}` becomes the start time."""
+    checkpoint_every: int = 20
+    """Snapshot the run every this many steps: kept in the driver's memory for recovery and
+    written to RUN_DIR/checkpoints for --resume; 0 = never (recovery then restarts at step 0)."""
+    keep_checkpoints: int = 2
+    """Checkpoint files kept on disk (the newest ones)."""
+    max_restarts: int = 3
+    """Times the driver rebuilds the group after a lost or hung replica before giving up."""
+    faults: str = ""
+    """Faults to inject, e.g. `kill:1@5, stall:0@8` (rank@step); see distrib/faults.py."""
     start_timeout_s: float = 120.0
     """Limit for placing, starting and connecting all replicas."""
     step_timeout_s: float = 300.0
-    """Limit for one driver call (steps_per_call steps) to finish on every replica."""
+    """Limit for one driver call (steps_per_call steps) to finish on every replica; applies
+    until a few calls have been timed, and caps the derived limit after that."""
+    hang_timeout_factor: float = 10.0
+    """Once calls have been timed, a call that takes this many times the median is a hang."""
+    hang_timeout_min_s: float = 30.0
+    """Floor of the derived hang limit (steps vary: a check, a checkpoint, a slow batch)."""
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -144,6 +158,14 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.calls_in_flight >= 1, "calls_in_flight", cfg.calls_in_flight, "must be >= 1")
     _rule(cfg.check_every >= 0, "check_every", cfg.check_every, "must be >= 0 (0 = only at the end)")
     _rule(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
+    _rule(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = never)")
+    _rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+    _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
+    _rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
+    _rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
+    from distrib import faults  # here, not at the top: faults imports this module
+
+    faults.parse(cfg.faults, num_workers=cfg.num_workers)
     _rule(cfg.start_timeout_s > 0, "start_timeout_s", cfg.start_timeout_s, "must be > 0")
     _rule(cfg.step_timeout_s > 0, "step_timeout_s", cfg.step_timeout_s, "must be > 0")
     _rule(not (cfg.device == "cpu" and cfg.backend == "nccl"), "backend", cfg.backend,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from collections import deque
@@ -32,10 +33,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
-from distrib import comm
+from distrib import checkpoint, comm, faults
 from distrib.config import ConfigError, RunConfig, to_dict
 from distrib.metrics import MetricsLog, StepMetrics, aggregate, format_summary, summarize
-from distrib.replica import Replica
+from distrib.replica import CONCURRENCY_GROUPS, Replica
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ log = logging.getLogger(__name__)
 class ReplicaError(RuntimeError):
     """A replica failed, died or timed out; the message names the ranks, their nodes and the step."""
 
-    def __init__(self, message: str, *, ranks: list[int]):
+    def __init__(self, message: str, *, ranks: list[int], step: int | None = None):
         super().__init__(message)
         self.ranks = ranks
+        self.step = step
+        """Last step handed to the replicas when it failed (None outside training)."""
 
 
 class ReplicaTimeout(ReplicaError):
@@ -86,34 +89,46 @@ def resolve(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
 
 @dataclass(frozen=True)
 class _Call:
-    """A call queued on every replica: `steps` (first, count) or a `check` after step first - 1."""
+    """A call queued on the replicas: `steps` (first, count), or a `check` or `checkpoint`
+    after step first - 1 (a checkpoint also holds rank 0's snapshot ref)."""
 
     kind: str
     first_step: int
     num_steps: int
     refs: list
+    snapshot_ref: object = None
 
 
 class Orchestrator:
     """Runs one training run on a group of Replica actors; use it as a context manager.
 
+    When a replica dies or hangs, the driver tears the group down, starts a fresh one
+    (new placement, new rendezvous), restores the newest snapshot and goes on, up to
+    cfg.max_restarts times; the finished run is bit-identical to an uninterrupted one.
     Shutdown (killing the replicas, freeing their placement group, closing files) is
     idempotent and happens on errors and Ctrl-C as well.
     """
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, resume_dir: str | Path | None = None):
         self.requested_cfg = cfg
         self.cfg = cfg  # resolved (no `auto` left) by start()
         self.progress = progress
+        self.resume_dir = Path(resume_dir) if resume_dir is not None else None
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []
         self.checks_passed = 0
+        self.restarts = 0
         self.run_dir: Path | None = None
         self._replicas: list = []
         self._nodes: list[dict] = []
         self._placement = None
         self._metrics: MetricsLog | None = None
+        self._weights_ref = None
+        self._snapshot: tuple[int, object] | None = None
+        """(steps done, object ref of the snapshot bytes): where a recovery starts."""
+        self._faults: list[faults.Fault] = []
+        self._step_walls: deque[float] = deque(maxlen=50)
         self._closed = False
 
     # ---- start-up -------------------------------------------------------------------------
@@ -129,24 +144,41 @@ class Orchestrator:
         try:
             connect_ray()
             self.cfg = resolve(self.requested_cfg, cluster_gpus=ray.cluster_resources().get("GPU", 0))
-            self.run_dir = self._make_run_dir()
-            weights_ref = ray.put(self._load_weights())
-            self._place()
-            self._start_replicas(weights_ref)
-            self.check_consistency()
+            if self.resume_dir is not None:
+                self._open_resumed_run()
+            else:
+                self._make_run_dir()
+            self._faults = faults.parse(self.cfg.faults, num_workers=self.cfg.num_workers)
+            self._weights_ref = ray.put(self._load_weights() if self._snapshot is None else None)
+            self._start_group()
         except BaseException:
             self.shutdown()
             raise
 
-    def _make_run_dir(self) -> Path:
+    def _make_run_dir(self) -> None:
         run_dir = Path(self.cfg.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
         if (run_dir / "metrics.jsonl").exists():
             raise ConfigError(f"run_dir: {str(run_dir)!r} already holds a run (metrics.jsonl); "
-                              "choose another run_dir or remove it")
+                              "choose another run_dir, remove it, or resume it with --resume")
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = self.cfg.replace(run_dir=str(run_dir))
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        self.run_dir = run_dir
         self._metrics = MetricsLog(run_dir / "metrics.jsonl")
-        return run_dir
+
+    def _open_resumed_run(self) -> None:
+        """Continue the run in resume_dir from its newest valid checkpoint."""
+        self.run_dir = self.resume_dir
+        self.cfg = self.cfg.replace(run_dir=str(self.run_dir))
+        ckpt, skipped = checkpoint.newest_valid(self.run_dir)
+        for reason in skipped:
+            self._say(f"skipping a checkpoint: {reason}")
+        checkpoint.check_compatible(ckpt, self.cfg)
+        self._snapshot = (ckpt.step, ray.put(ckpt.payload))
+        self.step_count = ckpt.step
+        self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._metrics.truncate(ckpt.step)
+        self._say(f"resuming {self.run_dir} at step {ckpt.step} from {ckpt.path.name}")
 
     def _load_weights(self):
         if self.cfg.weights == "none":
@@ -160,6 +192,12 @@ class Orchestrator:
         if self.cfg.device == "cuda":
             bundle["GPU"] = 1
         return bundle
+
+    def _start_group(self) -> None:
+        """Reserve resources, start one replica per bundle, rendezvous, restore, verify."""
+        self._place()
+        self._start_replicas()
+        self.check_consistency()
 
     def _place(self) -> None:
         """Reserve one bundle per worker; say what is missing while waiting, then fail clearly."""
@@ -176,9 +214,9 @@ class Orchestrator:
                     "lower num_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
             self._say(f"waiting for resources: {want}; free now: {have}")
 
-    def _start_replicas(self, weights_ref) -> None:
+    def _start_replicas(self) -> None:
         cfg = self.cfg
-        actor_class = ray.remote(Replica)
+        actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)
         self._replicas = [
             actor_class.options(
                 num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
@@ -189,8 +227,11 @@ class Orchestrator:
         self._nodes = self._wait([r.node_info.remote() for r in self._replicas], "start-up", cfg.start_timeout_s)
         master_addr, master_port = self._wait([self._replicas[0].rendezvous_address.remote()],
                                               "rendezvous", cfg.start_timeout_s)[0]
+        snapshot_ref = self._snapshot[1] if self._snapshot else None
+        armed = [f for f in self._faults if f.step >= self.step_count]
         # Every rank's init must be in flight at once: each blocks until all have joined.
-        self._wait([r.setup.remote(cfg, master_addr=master_addr, master_port=master_port, weights=weights_ref)
+        self._wait([r.setup.remote(cfg, master_addr=master_addr, master_port=master_port, weights=self._weights_ref,
+                                   snapshot=snapshot_ref, first_step=self.step_count, faults=armed)
                     for r in self._replicas], "process-group set-up", cfg.start_timeout_s)
         log.info("%d replicas on %s, %s/%s", cfg.num_workers, sorted({n["node"] for n in self._nodes}),
                  cfg.device, cfg.backend)
@@ -209,7 +250,7 @@ class Orchestrator:
             return f"rank {rank}"
         return ", ".join(one(r) for r in ranks)
 
-    def _wait(self, refs: list, what: str, timeout_s: float) -> list:
+    def _wait(self, refs: list, what: str, timeout_s: float, *, step: int | None = None) -> list:
         """Results of one call per rank (refs[i] is rank i's), failing fast on the first error."""
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list = [None] * len(refs)
@@ -218,18 +259,54 @@ class Orchestrator:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 ranks = sorted(pending.values())
-                raise ReplicaTimeout(f"{self._name(ranks)} did not finish {what} within {timeout_s:g} s",
-                                     ranks=ranks)
+                raise ReplicaTimeout(f"{what} did not finish within {timeout_s:.1f} s: {self._diagnose(ranks)}",
+                                     ranks=ranks, step=step)
             rank = pending.pop(ready[0])
             try:
                 results[rank] = ray.get(ready[0])
             except ray.exceptions.RayActorError as err:
                 raise ReplicaError(f"{self._name([rank])} died during {what}: {_first_line(err)}",
-                                   ranks=[rank]) from err
+                                   ranks=[rank], step=step) from err
             except ray.exceptions.RayTaskError as err:
                 raise ReplicaError(f"{self._name([rank])} failed during {what}: "
-                                   f"{type(err.cause).__name__}: {_first_line(err.cause)}", ranks=[rank]) from err
+                                   f"{type(err.cause).__name__}: {_first_line(err.cause)}",
+                                   ranks=[rank], step=step) from err
         return results
+
+    def _diagnose(self, late_ranks: list[int]) -> str:
+        """Name the ranks holding the others up: those that do not answer a probe, else those
+        furthest behind (the rest are waiting for them in a collective)."""
+        probes = [r.position.remote() for r in self._replicas]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=3.0)
+        positions = {}
+        for rank, ref in enumerate(probes):
+            if ref in ready:
+                try:
+                    positions[rank] = ray.get(ref)
+                except ray.exceptions.RayError:
+                    pass
+        silent = [r for r in range(len(probes)) if r not in positions]
+        if silent:
+            return f"{self._name(silent)} did not answer a probe (stopped, frozen or gone)"
+        order = ("setup", "idle", "data", "forward", "backward", "optimizer", "done")
+
+        def progress(rank: int) -> tuple[int, int]:
+            step, phase = positions[rank]
+            return step, order.index(phase)
+
+        behind = min(progress(r) for r in late_ranks)
+        stuck = [r for r in late_ranks if progress(r) == behind]
+        step, phase = positions[stuck[0]]
+        waiting = "" if len(stuck) == len(positions) else "; the other ranks are waiting further on"
+        return f"{self._name(stuck)} stuck at step {step} in {phase}{waiting}"
+
+    def _call_timeout(self, num_steps: int) -> float:
+        """step_timeout_s until 3 calls are timed; then hang_timeout_factor x the median step, floored."""
+        cfg = self.cfg
+        if len(self._step_walls) < 3:
+            return cfg.step_timeout_s
+        derived = cfg.hang_timeout_factor * statistics.median(self._step_walls) * num_steps
+        return min(cfg.step_timeout_s, max(cfg.hang_timeout_min_s, derived))
 
     # ---- training --------------------------------------------------------------------------
     def step(self) -> StepMetrics:
@@ -240,64 +317,118 @@ class Orchestrator:
         """Run `num_steps` more steps (default: up to cfg.steps); returns their metrics.
 
         Keeps cfg.calls_in_flight calls queued on every replica so none waits on the
-        driver; fingerprints are compared every cfg.check_every steps and at cfg.steps.
+        driver; compares fingerprints every cfg.check_every steps and at cfg.steps;
+        snapshots every cfg.checkpoint_every steps; recovers from lost or hung replicas.
         """
         cfg = self.cfg
         end = cfg.steps if num_steps is None else self.step_count + num_steps
         if end > cfg.steps:
             raise ValueError(f"{num_steps} more steps would pass steps={cfg.steps}; raise steps in the config")
+        start_step = self.step_count
         # A bar on a terminal; in a log (a job's output, CI) a plain line every tenth of the run.
         on_terminal = sys.stderr.isatty()
         bar = tqdm(total=cfg.steps, initial=self.step_count, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=not (self.progress and on_terminal))
-        log_every = max(1, cfg.steps // 10)
-        queue: deque[_Call] = deque()
-        next_step, new = self.step_count, []
-        last_done = time.perf_counter()
         try:
-            while next_step < end or queue:
-                while next_step < end and len(queue) < cfg.calls_in_flight:
-                    count = self._call_length(next_step, end)
-                    queue.append(_Call("steps", next_step, count,
-                                       [r.run_steps.remote(next_step, count) for r in self._replicas]))
-                    next_step += count
-                    if (cfg.check_every and next_step % cfg.check_every == 0) or next_step == cfg.steps:
-                        queue.append(_Call("check", next_step, 0, [r.fingerprint.remote() for r in self._replicas]))
-                call = queue.popleft()
-                if call.kind == "check":
-                    self._compare(self._wait(call.refs, f"the check after step {call.first_step - 1}",
-                                             cfg.step_timeout_s), after_step=call.first_step - 1)
-                    continue
-                last_step = call.first_step + call.num_steps - 1
-                what = f"step {call.first_step}" if call.num_steps == 1 else f"steps {call.first_step}-{last_step}"
-                records = self._wait(call.refs, what, cfg.step_timeout_s)
-                now = time.perf_counter()
-                wall_s, last_done = (now - last_done) / call.num_steps, now
-                for i in range(call.num_steps):
-                    metrics = aggregate(step=call.first_step + i, rank_records=[r[i] for r in records],
-                                        loss_kind=cfg.loss, global_batch_size=cfg.global_batch_size,
-                                        wall_s=wall_s, finished_at=time.time())
-                    new.append(metrics)
-                    self.history.append(metrics)
-                    self._metrics.write(metrics)
-                self.step_count = last_step + 1
-                bar.update(call.num_steps)
-                bar.set_postfix(loss=f"{new[-1].loss:.4f}", img_s=f"{new[-1].images_per_s:.0f}")
-                if not on_terminal and (self.step_count % log_every < call.num_steps or self.step_count == end):
-                    self._say(f"step {self.step_count}/{cfg.steps}: loss {new[-1].loss:.4f}, "
-                              f"{new[-1].images_per_s:.0f} images/s")
+            while True:
+                try:
+                    self._run_until(end, bar, log_lines=self.progress and not on_terminal)
+                    break
+                except ReplicaError as err:
+                    self._recover(err)
+                    bar.reset(total=cfg.steps)
+                    bar.update(self.step_count)
         finally:
             bar.close()
         if self.step_count == cfg.steps:
             self._write_summary()
-        return new
+        return [m for m in self.history if m.step >= start_step]
+
+    def _run_until(self, end: int, bar: tqdm, *, log_lines: bool) -> None:
+        cfg = self.cfg
+        log_every = max(1, cfg.steps // 10)
+        queue: deque[_Call] = deque()
+        next_step = self.step_count
+        last_done = time.perf_counter()
+        while next_step < end or queue:
+            while next_step < end and len(queue) < cfg.calls_in_flight:
+                count = self._call_length(next_step, end)
+                queue.append(_Call("steps", next_step, count,
+                                   [r.run_steps.remote(next_step, count) for r in self._replicas]))
+                next_step += count
+                if cfg.checkpoint_every and next_step % cfg.checkpoint_every == 0:
+                    queue.append(_Call("checkpoint", next_step, 0, [r.fingerprint.remote() for r in self._replicas],
+                                       snapshot_ref=self._replicas[0].snapshot.remote()))
+                elif (cfg.check_every and next_step % cfg.check_every == 0) or next_step == cfg.steps:
+                    queue.append(_Call("check", next_step, 0, [r.fingerprint.remote() for r in self._replicas]))
+            call = queue.popleft()
+            if call.kind in ("check", "checkpoint"):
+                what = f"the {call.kind} after step {call.first_step - 1}"
+                timeout_s = self._call_timeout(1)
+                self._compare(self._wait(call.refs, what, timeout_s, step=next_step - 1),
+                              after_step=call.first_step - 1)
+                if call.kind == "checkpoint":
+                    payload = self._wait([call.snapshot_ref], what, timeout_s, step=next_step - 1)[0]
+                    self._keep_snapshot(call.first_step, payload)
+                continue
+            last_step = call.first_step + call.num_steps - 1
+            what = f"step {call.first_step}" if call.num_steps == 1 else f"steps {call.first_step}-{last_step}"
+            if next_step - 1 > last_step:
+                what += f" (steps up to {next_step - 1} queued)"
+            # step=: the last step handed out, which is what a failure may have reached.
+            records = self._wait(call.refs, what, self._call_timeout(call.num_steps), step=next_step - 1)
+            now = time.perf_counter()
+            wall_s, last_done = (now - last_done) / call.num_steps, now
+            self._step_walls.extend([wall_s] * call.num_steps)
+            for i in range(call.num_steps):
+                metrics = aggregate(step=call.first_step + i, rank_records=[r[i] for r in records],
+                                    loss_kind=cfg.loss, global_batch_size=cfg.global_batch_size,
+                                    wall_s=wall_s, finished_at=time.time())
+                self.history.append(metrics)
+                self._metrics.write(metrics)
+            self.step_count = last_step + 1
+            bar.update(call.num_steps)
+            bar.set_postfix(loss=f"{metrics.loss:.4f}", img_s=f"{metrics.images_per_s:.0f}")
+            if log_lines and (self.step_count % log_every < call.num_steps or self.step_count == end):
+                self._say(f"step {self.step_count}/{cfg.steps}: loss {metrics.loss:.4f}, "
+                          f"{metrics.images_per_s:.0f} images/s")
 
     def _call_length(self, first_step: int, end: int) -> int:
-        """Steps in the next call: steps_per_call, cut so calls end on check steps and at `end`."""
+        """Steps in the next call: steps_per_call, cut so calls end on check and checkpoint steps and at `end`."""
         count = min(self.cfg.steps_per_call, end - first_step)
-        if self.cfg.check_every:
-            count = min(count, self.cfg.check_every - first_step % self.cfg.check_every)
+        for every in (self.cfg.check_every, self.cfg.checkpoint_every):
+            if every:
+                count = min(count, every - first_step % every)
         return count
+
+    def _keep_snapshot(self, step: int, payload: bytes) -> None:
+        """Hold the snapshot for recovery (in the driver's object store) and write it to disk."""
+        self._snapshot = (step, ray.put(payload))
+        checkpoint.write(self.run_dir, step=step, cfg=self.cfg, payload=payload, keep=self.cfg.keep_checkpoints)
+
+    def _recover(self, err: ReplicaError) -> None:
+        """Replace the whole group and go back to the newest snapshot (or step 0), or give up."""
+        cfg = self.cfg
+        if self.restarts >= cfg.max_restarts:
+            raise ReplicaError(f"{err} (no restarts left: max_restarts={cfg.max_restarts})",
+                               ranks=err.ranks, step=err.step) from err
+        self.restarts += 1
+        detected_at = time.time()
+        lost_nodes = sorted({self._nodes[r]["node"] for r in err.ranks if r < len(self._nodes)})
+        restore_step = self._snapshot[0] if self._snapshot else 0
+        self._say(f"restart {self.restarts}/{cfg.max_restarts}: {err}; going back to step {restore_step}")
+        self._stop_group()
+        if err.step is not None:  # a fault is spent once its step was handed out: do not re-arm it
+            self._faults = [f for f in self._faults if f.step > err.step]
+        self.step_count = restore_step
+        self.history = [m for m in self.history if m.step < restore_step]
+        self._metrics.truncate(restore_step)
+        self._start_group()
+        event = {"event": "restart", "restart": self.restarts, "ranks": err.ranks, "nodes": lost_nodes,
+                 "step": err.step, "cause": str(err), "detected_at": detected_at, "restarted_at": time.time(),
+                 "restored_step": restore_step}
+        with (self.run_dir / "events.jsonl").open("a") as f:
+            f.write(json.dumps(event) + "\n")
 
     def check_consistency(self) -> None:
         """Compare every replica's parameters, momentum and buffers with rank 0's, bit for bit."""
@@ -329,8 +460,8 @@ class Orchestrator:
                          warmup_steps=self.cfg.steps_per_call)
 
     def _write_summary(self) -> None:
-        summary = {**self.summary(), "checks_passed": self.checks_passed, "num_workers": self.cfg.num_workers,
-                   "device": self.cfg.device, "backend": self.cfg.backend}
+        summary = {**self.summary(), "checks_passed": self.checks_passed, "restarts": self.restarts,
+                   "num_workers": self.cfg.num_workers, "device": self.cfg.device, "backend": self.cfg.backend}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._say(format_summary(summary))
 
@@ -339,11 +470,8 @@ class Orchestrator:
             tqdm.write(text, file=sys.stderr)
 
     # ---- shutdown --------------------------------------------------------------------------
-    def shutdown(self) -> None:
-        """Kill the replicas and free their placement group; safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
+    def _stop_group(self) -> None:
+        """Kill the replicas and free their placement group (what a recovery replaces)."""
         for replica in self._replicas:
             try:
                 ray.kill(replica, no_restart=True)
@@ -356,6 +484,13 @@ class Orchestrator:
             except Exception:
                 pass
             self._placement = None
+
+    def shutdown(self) -> None:
+        """Kill the replicas and free their placement group; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_group()
         if self._metrics is not None:
             self._metrics.close()
 

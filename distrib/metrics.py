@@ -77,6 +77,15 @@ class MetricsLog:
         self.path = path
         self._file: IO[str] = path.open("a")
 
+    def truncate(self, step: int) -> None:
+        """Keep only the lines of steps before `step` (they are about to be run again)."""
+        self._file.close()
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self._file = self.path.open("a")
+
     def write(self, metrics: StepMetrics) -> None:
         self._file.write(json.dumps(asdict(metrics)) + "\n")
         self._file.flush()

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 
+import ray
+
 from distrib import comm
 from distrib.config import RunConfig
+from distrib.faults import Fault
+
+CONCURRENCY_GROUPS = {"probe": 1}
+"""The hang probe's own thread; every other call runs on the one default thread, in order."""
 
 
 class Replica:
@@ -29,21 +35,26 @@ class Replica:
 
     def node_info(self) -> dict:
         """Where this replica runs: used to name it in every error."""
-        return {"node": comm.node_address(), "host": comm.host_name(), "pid": os.getpid(),
+        return {"node": comm.node_address(), "node_id": ray.get_runtime_context().get_node_id(),
+                "host": comm.host_name(), "pid": os.getpid(),
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for the group's TCP store (asked of rank 0)."""
         return comm.node_address(), comm.free_port()
 
-    def setup(self, cfg: RunConfig, *, master_addr: str, master_port: int, weights) -> None:
-        """Join the process group, then build the replica. All ranks must be called together."""
+    def setup(self, cfg: RunConfig, *, master_addr: str, master_port: int, weights,
+              snapshot: bytes | None, first_step: int, faults: list[Fault]) -> None:
+        """Join the process group, build the replica, restore `snapshot` (taken after
+        `first_step` steps) if given. All ranks must be called together."""
         from distrib.trainer import Trainer
 
         comm.init_process_group(backend=cfg.backend, master_addr=master_addr, master_port=master_port,
                                 world_rank=self.world_rank, world_size=self.world_size,
                                 timeout_s=cfg.start_timeout_s)
-        self._trainer = Trainer(cfg, world_rank=self.world_rank, weights=weights)
+        self._trainer = Trainer(cfg, world_rank=self.world_rank, weights=weights, faults=faults)
+        if snapshot is not None:
+            self._trainer.restore(snapshot, step=first_step)
 
     def run_steps(self, first_step: int, num_steps: int) -> list[dict]:
         """See Trainer.run_steps. Collective: every rank gets the same call."""
@@ -56,6 +67,16 @@ class Replica:
     def state(self) -> dict:
         """See Trainer.state: model and optimizer state on the CPU, for the driver to keep."""
         return self._trainer.state()
+
+    def snapshot(self) -> bytes:
+        """See Trainer.snapshot. Call right after fingerprint, which reconciles buffers."""
+        return self._trainer.snapshot()
+
+    @ray.method(concurrency_group="probe")
+    def position(self) -> tuple[int, str]:
+        """(step, phase) the replica is in. Runs on its own thread, so it answers while a
+        step hangs; a replica that does not answer is stopped or frozen."""
+        return self._trainer.position if self._trainer is not None else (-1, "setup")
 
     def shutdown(self) -> None:
         """Leave the process group; safe to call twice."""

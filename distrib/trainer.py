@@ -9,6 +9,7 @@ k steps synchronises with the host once, not k times.
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import time
 import zlib
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distrib import comm
 from distrib.config import RunConfig
 from distrib.data import ShardSource
+from distrib.faults import Fault, fire
 from distrib.metrics import PHASES
 from distrib.model import StateDict, build_model
 
@@ -49,7 +51,8 @@ class Trainer:
     All ranks must call `run_steps` with the same arguments, and `fingerprint` together.
     """
 
-    def __init__(self, cfg: RunConfig, *, world_rank: int, weights: StateDict | None):
+    def __init__(self, cfg: RunConfig, *, world_rank: int, weights: StateDict | None,
+                 faults: list[Fault] = ()):
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device: cuda, but this worker sees no GPU (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
@@ -87,6 +90,10 @@ class Trainer:
         self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
         self.data = ShardSource(cfg, world_rank=world_rank, device=self.device)
         self._clock = _Clock(self.device)
+        self._faults = {f.step: f for f in faults if f.rank == world_rank}
+        self.next_step = 0
+        self.position: tuple[int, str] = (-1, "idle")
+        """(step, phase) this rank is in; read by the driver's hang probe from another thread."""
 
     def _wrap_ddp(self, cfg: RunConfig) -> DistributedDataParallel:
         # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
@@ -112,20 +119,28 @@ class Trainer:
         Each record holds this rank's loss on its shard (mean or sum, as the config says)
         and the seconds spent in each phase.
         """
+        if first_step != self.next_step:  # calls must arrive in order; say so loudly if they do not
+            raise RuntimeError(f"asked for step {first_step}, but the next step here is {self.next_step}")
         losses, marks = [], []
         for step in range(first_step, first_step + num_steps):
+            self.position = (step, "data")
+            if step in self._faults:
+                fire(self._faults.pop(step))
             t0 = self._clock.mark()
             images, targets = self.data.batch(step)
             images = images.contiguous(memory_format=self._memory_format)
             t1 = self._clock.mark()
+            self.position = (step, "forward")
             loss = self._loss(images, targets)
             t2 = self._clock.mark()
+            self.position = (step, "backward")
             scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
             t3 = self._clock.mark()
+            self.position = (step, "optimizer")
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -135,6 +150,8 @@ class Trainer:
             losses.append(loss.detach())
             t4 = self._clock.mark()
             marks.append((t0, t1, t2, t3, t4))
+        self.next_step = first_step + num_steps
+        self.position = (self.next_step - 1, "done")
         # The one host synchronisation of the call.
         loss_values = torch.stack(losses).tolist()
         if self.device.type == "cuda":
@@ -164,6 +181,24 @@ class Trainer:
         reconciles BatchNorm buffers) so every rank would give the same answer."""
         to_cpu = lambda tree: _map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa: E731
         return {"model": to_cpu(self.model.state_dict()), "optimizer": to_cpu(self.optimizer.state_dict())}
+
+    def snapshot(self) -> bytes:
+        """state() serialised with torch.save, for checkpoints; restore() takes it back."""
+        state = self.state()
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def restore(self, payload: bytes, *, step: int) -> None:
+        """Load a snapshot taken after `step` steps; the next run_steps starts there."""
+        state = torch.load(io.BytesIO(payload), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.next_step = step
 
     def named_state_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Parameters, momentum buffers and module buffers, in a fixed order with names."""

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import ray
 
 from distrib.config import RunConfig
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray instance with 4 logical CPUs (2 replicas plus room), shut down at the end."""
+    """A local Ray instance with 4 logical CPUs (2 replicas plus room), for one test module."""
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
     yield
@@ -38,4 +36,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+def flat_state(state: dict):
+    """Parameters, BatchNorm buffers and momentum buffers of a Replica.state(), under one namespace."""
+    tensors = {f"model.{k}": v for k, v in state["model"].items()}
+    for index, entry in state["optimizer"]["state"].items():
+        tensors[f"momentum.{index}"] = entry["momentum_buffer"]
+    return tensors
+
+
+def assert_bit_identical(ours: dict, theirs: dict) -> None:
+    import torch
+
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), f"{name} differs"

@@ -15,6 +15,7 @@ import torchvision
 
 from distrib import DivergenceError, Orchestrator
 from distrib.tutorial import plain_tutorial_step, seed_step
+from tests.conftest import flat_state
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -23,14 +24,6 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def all_rank_states(orch: Orchestrator) -> list[dict]:
     orch.check_consistency()  # reconciles BatchNorm buffers, as every state read does
     return ray.get([replica.state.remote() for replica in orch.replicas])
-
-
-def flat_state(state: dict) -> dict[str, torch.Tensor]:
-    """Parameters, BatchNorm buffers and momentum buffers under one namespace."""
-    tensors = {f"model.{k}": v for k, v in state["model"].items()}
-    for index, entry in state["optimizer"]["state"].items():
-        tensors[f"momentum.{index}"] = entry["momentum_buffer"]
-    return tensors
 
 
 def test_two_replicas_stay_bit_identical(small_cfg):

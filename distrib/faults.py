@@ -1,0 +1,52 @@
+"""Fault injection, for testing a setup's recovery: `faults: "kill:1@5, stall:0@8"`.
+
+- `kill:R@S`  rank R's process kills itself (SIGKILL) as step S starts: a crash.
+- `stall:R@S` rank R stops making progress as step S starts (sleeps for an hour): a hang.
+
+Each fault fires once per run: after a recovery, the driver re-arms only the faults
+past the last step it had handed out, so faults closer together than the steps in
+flight (calls_in_flight x steps_per_call) may not all fire.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from distrib.config import ConfigError
+
+_FAULT = re.compile(r"^(kill|stall):(\d+)@(\d+)$")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: Literal["kill", "stall"]
+    rank: int
+    step: int
+
+
+def parse(text: str, *, num_workers: int) -> list[Fault]:
+    """The faults in a `faults` config string; ConfigError on a malformed entry or a missing rank."""
+    faults = []
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        match = _FAULT.match(entry)
+        if not match:
+            raise ConfigError(f"faults: {entry!r} is invalid: write kill:RANK@STEP or stall:RANK@STEP, "
+                              "comma-separated")
+        fault = Fault(kind=match[1], rank=int(match[2]), step=int(match[3]))
+        if fault.rank >= num_workers:
+            raise ConfigError(f"faults: {entry!r} is invalid: rank {fault.rank} does not exist with "
+                              f"num_workers={num_workers}")
+        faults.append(fault)
+    return faults
+
+
+def fire(fault: Fault) -> None:
+    """Make this process fail as `fault` says."""
+    if fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(3600)

@@ -1,0 +1,94 @@
+"""Fault injection with real Ray and real gloo: resume, killed and stalled replicas.
+
+Every recovered or resumed run must end bit-identical to the uninterrupted run of
+the same config (parameters, momentum and BatchNorm buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from distrib import Orchestrator, RunConfig
+from tests.conftest import assert_bit_identical, flat_state
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def base_cfg(run_dir) -> RunConfig:
+    return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
+                     steps=6, lr=0.05, check_every=2, checkpoint_every=2, loader_workers=0, run_dir=str(run_dir))
+
+
+def final_state(orch: Orchestrator) -> dict:
+    return flat_state(orch.state())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tmp_path_factory) -> dict:
+    with Orchestrator(base_cfg(tmp_path_factory.mktemp("ref") / "run"), progress=False) as orch:
+        orch.train()
+        return final_state(orch)
+
+
+def metric_steps(run_dir) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    with Orchestrator(base_cfg(run_dir), progress=False) as orch:
+        orch.train(3)  # stops after step 2; the newest checkpoint holds 2 steps
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000002.ckpt"]
+    with Orchestrator(base_cfg(run_dir), progress=False, resume_dir=run_dir) as orch:
+        assert orch.step_count == 2
+        orch.train()
+        resumed = final_state(orch)
+    assert_bit_identical(resumed, uninterrupted)
+    assert metric_steps(run_dir) == [0, 1, 2, 3, 4, 5]
+    # the last K are kept (K = 2): the step-6 one and the step-4 one
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004.ckpt",
+                                                                          "step-00000006.ckpt"]
+
+
+def test_killed_replica_is_replaced_and_the_run_is_unchanged(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    with Orchestrator(base_cfg(run_dir).replace(faults="kill:1@3"), progress=False) as orch:
+        orch.train()
+        recovered = final_state(orch)
+    assert orch.restarts == 1
+    assert_bit_identical(recovered, uninterrupted)
+    (restart,) = events(run_dir)
+    assert restart["ranks"] == [1] and restart["restored_step"] == 2 and "rank 1" in restart["cause"]
+    assert re.search(r"died during steps? [23]", restart["cause"])
+    assert metric_steps(run_dir) == [0, 1, 2, 3, 4, 5]
+
+
+def test_stalled_replica_is_named_and_recovered(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    cfg = base_cfg(run_dir).replace(faults="stall:0@4", hang_timeout_min_s=3.0, hang_timeout_factor=5.0)
+    with Orchestrator(cfg, progress=False) as orch:
+        orch.train()
+        recovered = final_state(orch)
+    assert orch.restarts == 1
+    assert_bit_identical(recovered, uninterrupted)
+    (restart,) = events(run_dir)
+    assert re.match(r"step 4 .*did not finish within 3.0 s", restart["cause"])
+    assert "rank 0 (node" in restart["cause"] and "stuck at step 4 in data" in restart["cause"]
+    assert restart["restarted_at"] - restart["detected_at"] < 60
+    assert restart["restored_step"] == 4
+
+
+def test_out_of_restarts_is_a_clear_error(tmp_path):
+    from distrib import ReplicaError
+
+    cfg = base_cfg(tmp_path / "run").replace(faults="kill:0@1", max_restarts=0)
+    with pytest.raises(ReplicaError, match=r"rank 0 .* died during step .*no restarts left: max_restarts=0"):
+        with Orchestrator(cfg, progress=False) as orch:
+            orch.train()
