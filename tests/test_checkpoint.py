@@ -1,0 +1,75 @@
+"""Checkpoint files: atomic writes, a crash mid-write, corruption, truncation, foreign configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from distrib import checkpoint
+from distrib.checkpoint import CheckpointError
+from distrib.config import RunConfig
+
+CFG = RunConfig(steps=10)
+
+
+def write(run_dir, step: int, payload: bytes = b"state", keep: int = 3):
+    return checkpoint.write(run_dir, step=step, cfg=CFG, payload=payload + bytes([step]), keep=keep)
+
+
+def test_round_trip_and_keep_the_newest(tmp_path):
+    for step in (2, 4, 6, 8):
+        write(tmp_path, step, keep=2)
+    names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir())
+    assert names == ["step-00000006.ckpt", "step-00000008.ckpt"]
+    ckpt, skipped = checkpoint.newest_valid(tmp_path)
+    assert (ckpt.step, ckpt.payload, skipped) == (8, b"state\x08", [])
+    assert ckpt.config["steps"] == 10
+
+
+def test_crash_during_a_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    write(tmp_path, 2)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write(tmp_path, 4)
+    monkeypatch.undo()
+    ckpt, skipped = checkpoint.newest_valid(tmp_path)
+    assert ckpt.step == 2 and skipped == []  # the half-written .tmp is never a candidate
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda data: data[:-3], "is truncated"),
+    (lambda data: data[:-1] + bytes([data[-1] ^ 1]), "is corrupt"),
+    (lambda data: b"garbage" + data, "is not a distrib checkpoint"),
+    (lambda data: data[:30], "unreadable"),
+])
+def test_damaged_newest_falls_back_to_the_one_before(tmp_path, damage, reason):
+    write(tmp_path, 2)
+    newest = write(tmp_path, 4)
+    newest.write_bytes(damage(newest.read_bytes()))
+    ckpt, skipped = checkpoint.newest_valid(tmp_path)
+    assert ckpt.step == 2
+    assert len(skipped) == 1 and reason in skipped[0] and "step-00000004.ckpt" in skipped[0]
+    with pytest.raises(CheckpointError, match=reason):
+        checkpoint.read(newest)
+
+
+def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no valid checkpoint in"):
+        checkpoint.newest_valid(tmp_path)
+
+
+def test_a_checkpoint_from_another_config_is_refused(tmp_path):
+    write(tmp_path, 2)
+    ckpt, _ = checkpoint.newest_valid(tmp_path)
+    checkpoint.check_compatible(ckpt, CFG.replace(steps=20, check_every=5, faults=""))  # driving keys may change
+    with pytest.raises(CheckpointError, match=r"from a different run: lr is 0.01 there, 0.1 here"):
+        checkpoint.check_compatible(ckpt, CFG.replace(lr=0.1))
+    with pytest.raises(CheckpointError, match="num_classes is 1000 there, 10 here"):
+        checkpoint.check_compatible(ckpt, CFG.replace(num_classes=10))
+    with pytest.raises(CheckpointError, match="past steps=1"):
+        checkpoint.check_compatible(ckpt, CFG.replace(steps=1))

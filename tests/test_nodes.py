@@ -1,0 +1,92 @@
+"""A node lost mid-run, on a multi-node Ray cluster on one machine (ray.cluster_utils.Cluster).
+
+One replica per node (SPREAD). When a node goes, the driver rebuilds the group on the
+nodes left (and any that join) from its newest snapshot; with no capacity it ends with
+a clear error within start_timeout_s, and the checkpoint on disk stays loadable.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from distrib import Orchestrator, PlacementError, RunConfig, checkpoint
+from tests.conftest import assert_bit_identical, flat_state
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="WARNING")
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def node_cfg(run_dir, **changes) -> RunConfig:
+    return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
+                     steps=8, lr=0.05, check_every=2, checkpoint_every=2, loader_workers=0,
+                     placement_strategy="SPREAD", start_timeout_s=60, run_dir=str(run_dir)).replace(**changes)
+
+
+class Training(threading.Thread):
+    """orch.train() on a thread, so the test's main thread can change the cluster meanwhile
+    (Cluster.add_node needs the main thread)."""
+
+    def __init__(self, orch: Orchestrator):
+        super().__init__(daemon=True)
+        self.orch, self.error = orch, None
+
+    def run(self) -> None:
+        try:
+            self.orch.train()
+        except BaseException as err:  # handed to the test's thread
+            self.error = err
+
+
+def remove_node_of_rank(cluster: Cluster, orch: Orchestrator, rank: int, *, at_step: int) -> None:
+    """Once the run passes `at_step`, kill the node holding `rank`, as a crash would."""
+    deadline = time.monotonic() + 120
+    while orch.step_count < at_step and time.monotonic() < deadline:
+        time.sleep(0.05)
+    node_id = orch._nodes[rank]["node_id"]
+    (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+    cluster.remove_node(node, allow_graceful=False)
+
+
+def test_lost_node_recovers_when_capacity_returns(cluster, tmp_path):
+    with Orchestrator(node_cfg(tmp_path / "ref"), progress=False) as orch:
+        orch.train()
+        uninterrupted = flat_state(orch.state())
+    with Orchestrator(node_cfg(tmp_path / "run"), progress=False) as orch:
+        assert len({n["node_id"] for n in orch._nodes}) == 2  # SPREAD: one replica per node
+        training = Training(orch)
+        training.start()
+        remove_node_of_rank(cluster, orch, 1, at_step=3)
+        time.sleep(2)  # the driver notices and waits for a node
+        cluster.add_node(num_cpus=1)
+        training.join(timeout=180)
+        assert training.error is None, training.error
+        recovered = flat_state(orch.state())
+    assert orch.restarts == 1
+    assert_bit_identical(recovered, uninterrupted)
+
+
+def test_lost_node_without_capacity_ends_clearly(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    with Orchestrator(node_cfg(run_dir, start_timeout_s=6), progress=False) as orch:
+        training = Training(orch)
+        training.start()
+        remove_node_of_rank(cluster, orch, 0, at_step=3)
+        training.join(timeout=120)
+    assert isinstance(training.error, PlacementError)
+    assert "could not place 2 x {'CPU': 1.0} (SPREAD) within 6 s" in str(training.error)
+    ckpt, _ = checkpoint.newest_valid(run_dir)
+    assert ckpt.step >= 2
