@@ -414,6 +414,7 @@ class Orchestrator:
                                ranks=err.ranks, step=err.step) from err
         self.restarts += 1
         detected_at = time.time()
+        last_progress_at = self.history[-1].finished_at if self.history else None
         lost_nodes = sorted({self._nodes[r]["node"] for r in err.ranks if r < len(self._nodes)})
         restore_step = self._snapshot[0] if self._snapshot else 0
         self._say(f"restart {self.restarts}/{cfg.max_restarts}: {err}; going back to step {restore_step}")
@@ -425,7 +426,8 @@ class Orchestrator:
         self._metrics.truncate(restore_step)
         self._start_group()
         event = {"event": "restart", "restart": self.restarts, "ranks": err.ranks, "nodes": lost_nodes,
-                 "step": err.step, "cause": str(err), "detected_at": detected_at, "restarted_at": time.time(),
+                 "step": err.step, "cause": str(err), "last_progress_at": last_progress_at,
+                 "detected_at": detected_at, "restarted_at": time.time(),
                  "restored_step": restore_step}
         with (self.run_dir / "events.jsonl").open("a") as f:
             f.write(json.dumps(event) + "\n")
