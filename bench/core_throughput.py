@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 def run_torchrun(args) -> dict:
     done = subprocess.run(
         [str(BIN / "torchrun"), "--nproc-per-node", str(args.workers), "--master-port", "29533",
-         str(REPO / "bench" / "torchrun_ddp.py"), "--steps", str(args.steps),
+         "-m", "distrib.torchrun_baseline", "--steps", str(args.steps),
          "--batch-size", str(args.batch_size), "--image-size", str(args.image_size)],
         capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

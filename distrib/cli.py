@@ -1,4 +1,4 @@
-"""`distrib train | seed-step | check`: the command line, over the same code as the Python API.
+"""`distrib train | scale | seed-step | check`: the command line, over the same code as the Python API.
 
 Exit codes: 0 done; 1 the run failed (a replica died, hung or diverged); 2 bad
 input (the message names the key, the value and the fix); 130 interrupted.
@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     seed.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     seed.add_argument("--weights", default="none", help="none | DEFAULT | a .pth file")
     seed.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+
+    scale = commands.add_parser("scale", help="run a scaling sweep (throughput, efficiency, time breakdown)")
+    scale.add_argument("--config", required=True, help="sweep YAML: base run config and values to sweep")
+    scale.add_argument("--baseline", choices=["torchrun"], help="also run each point with plain torchrun + DDP, locally")
+    scale.add_argument("--resume", metavar="OUT_DIR", help="continue a sweep, skipping its finished points")
+    scale.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
 
     check = commands.add_parser("check", help="validate a config and print it with defaults filled in")
     add_config_args(check)
@@ -82,6 +88,19 @@ def _seed_step(args: argparse.Namespace) -> int:
     return 0 if result.max_param_diff == 0 and result.distrib_loss == result.plain_loss else 1
 
 
+def _scale(args: argparse.Namespace) -> int:
+    from distrib.driver import connect_ray
+    from distrib.experiments import format_table, load_sweep, run_sweep
+
+    sweep = load_sweep(args.config)
+    connect_ray(args.address)
+    out_dir, rows = run_sweep(sweep, baseline=args.baseline, resume_dir=args.resume,
+                              say=lambda text: print(text, file=sys.stderr, flush=True))
+    print(format_table(rows))
+    print(f"results: {out_dir} (results.csv, results.json, throughput.png, efficiency.png, breakdown.png)")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
@@ -92,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": _train, "seed-step": _seed_step, "check": _check}[args.command](args)
+        return {"train": _train, "seed-step": _seed_step, "scale": _scale, "check": _check}[args.command](args)
     except (ConfigError, CheckpointError) as err:
         print(f"distrib: error: {err}", file=sys.stderr)
         return 2

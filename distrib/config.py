@@ -82,6 +82,8 @@ class RunConfig:
     """Let cuDNN time its algorithms on the first steps and keep the fastest (cuda only)."""
     bucket_cap_mb: float = 25.0
     """DDP gradient bucket size; buckets are all-reduced while backward goes on."""
+    grad_compression: Literal["none", "fp16", "bf16"] = "none"
+    """All-reduce gradients in half precision (half the bytes, rounded gradients)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy for the replicas' bundles."""
     steps_per_call: int = 1

@@ -456,6 +456,18 @@ class Orchestrator:
         self.check_consistency()
         return self._wait([self._replicas[0].state.remote()], "the state read", self.cfg.step_timeout_s)[0]
 
+    def profile(self) -> dict:
+        """What the overlap hides, measured on the live group (see Trainer.profile); the
+        model is left as it was. Means over ranks."""
+        results = self._wait([r.profile.remote(self.step_count) for r in self._replicas], "the profile",
+                             self.cfg.step_timeout_s)
+        return {key: statistics.fmean(r[key] for r in results) for key in results[0]}
+
+    @property
+    def nodes(self) -> list[dict]:
+        """Where each rank runs: node address and id, host, pid, GPUs, device name."""
+        return list(self._nodes)
+
     def summary(self) -> dict:
         """Throughput and phase times over the steps run so far; the first call's steps are warm-up."""
         return summarize(self.history, global_batch_size=self.cfg.global_batch_size,

@@ -34,6 +34,9 @@ class StepMetrics:
     forward_s: float
     backward_s: float
     optimizer_s: float
+    comm_s: float = 0.0
+    """Mean over ranks of the all-reduce window (first bucket sent to last received); it
+    overlaps backward_s. 0 at world size 1."""
 
 
 def aggregate(*, step: int, rank_records: list[dict], loss_kind: str, global_batch_size: int,
@@ -41,7 +44,7 @@ def aggregate(*, step: int, rank_records: list[dict], loss_kind: str, global_bat
     """Combine each rank's record of one step. Phase times are the mean over ranks."""
     losses = [r["loss"] for r in rank_records]
     loss = sum(losses) if loss_kind == "sum" else sum(losses) / len(losses)
-    phases = {p: statistics.fmean(r[p] for r in rank_records) for p in PHASES}
+    phases = {p: statistics.fmean(r[p] for r in rank_records) for p in (*PHASES, "comm_s")}
     return StepMetrics(step=step, finished_at=finished_at, loss=loss, wall_s=wall_s,
                        images_per_s=global_batch_size / wall_s if wall_s > 0 else 0.0,
                        step_s=max(sum(r[p] for p in PHASES) for r in rank_records), **phases)
@@ -57,7 +60,8 @@ def summarize(history: list[StepMetrics], *, global_batch_size: int, warmup_step
         "final_loss": history[-1].loss if history else None,
         "images_per_s": global_batch_size * len(timed) / wall if wall > 0 else 0.0,
         "step_s": statistics.fmean(m.wall_s for m in timed) if timed else 0.0,
-        **{p: statistics.fmean(getattr(m, p) for m in timed) if timed else 0.0 for p in PHASES},
+        **{p: statistics.fmean(getattr(m, p) for m in timed) if timed else 0.0 for p in (*PHASES, "comm_s")},
+        "driver_overhead_s": statistics.fmean(max(0.0, m.wall_s - m.step_s) for m in timed) if timed else 0.0,
     }
 
 

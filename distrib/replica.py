@@ -8,6 +8,7 @@ as soon as it starts, in parallel with its peers.
 from __future__ import annotations
 
 import os
+import platform
 
 import ray
 
@@ -17,6 +18,12 @@ from distrib.faults import Fault
 
 CONCURRENCY_GROUPS = {"probe": 1}
 """The hang probe's own thread; every other call runs on the one default thread, in order."""
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or "cpu")
 
 
 class Replica:
@@ -37,7 +44,7 @@ class Replica:
         """Where this replica runs: used to name it in every error."""
         return {"node": comm.node_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "host": comm.host_name(), "pid": os.getpid(),
-                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device_name": _device_name()}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for the group's TCP store (asked of rank 0)."""
@@ -67,6 +74,10 @@ class Replica:
     def state(self) -> dict:
         """See Trainer.state: model and optimizer state on the CPU, for the driver to keep."""
         return self._trainer.state()
+
+    def profile(self, step: int) -> dict:
+        """See Trainer.profile. Collective."""
+        return self._trainer.profile(step)
 
     def snapshot(self) -> bytes:
         """See Trainer.snapshot. Call right after fingerprint, which reconciles buffers."""

@@ -8,9 +8,11 @@ k steps synchronises with the host once, not k times.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import os
+import statistics
 import time
 import zlib
 
@@ -73,10 +75,11 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
+        self._comm = _AllReduceHook(world_size=self.world_size, dtype=_AMP_DTYPES.get(cfg.grad_compression))
         # With one rank there is nothing to all-reduce (DDP would divide by 1): the plain
         # module gives the same numbers without DDP's per-step hooks and launches.
-        module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
-        self._forward = torch.compile(module) if cfg.compile else module
+        self.ddp_module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
+        self._forward = torch.compile(self.ddp_module) if cfg.compile else self.ddp_module
         # fused: one kernel for the whole update on a GPU instead of a few per parameter group.
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
@@ -101,9 +104,14 @@ class Trainer:
         # collective per step. Newer torch renamed the switch.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        return DistributedDataParallel(
+        ddp = DistributedDataParallel(
             self.model, device_ids=[0] if self.device.type == "cuda" else None,
             bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
+        # Our hook times the all-reduce window (exact with gloo) and can compress; on GPUs
+        # without compression DDP keeps its built-in C++ hook, with no Python per bucket.
+        if self.device.type == "cpu" or self._comm.dtype is not None:
+            ddp.register_comm_hook(state=None, hook=self._comm.hook)
+        return ddp
 
     def _loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
@@ -121,7 +129,7 @@ class Trainer:
         """
         if first_step != self.next_step:  # calls must arrive in order; say so loudly if they do not
             raise RuntimeError(f"asked for step {first_step}, but the next step here is {self.next_step}")
-        losses, marks = [], []
+        losses, marks, comm_windows = [], [], []
         for step in range(first_step, first_step + num_steps):
             self.position = (step, "data")
             if step in self._faults:
@@ -150,6 +158,7 @@ class Trainer:
             losses.append(loss.detach())
             t4 = self._clock.mark()
             marks.append((t0, t1, t2, t3, t4))
+            comm_windows.append(self._comm.pop_window_s())
         self.next_step = first_step + num_steps
         self.position = (self.next_step - 1, "done")
         # The one host synchronisation of the call.
@@ -157,10 +166,60 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         records = []
-        for step, loss_value, m in zip(range(first_step, first_step + num_steps), loss_values, marks):
+        for step, loss_value, m, comm_s in zip(range(first_step, first_step + num_steps), loss_values, marks,
+                                               comm_windows):
             phases = [self._clock.seconds(a, b) for a, b in zip(m, m[1:])]
-            records.append({"step": step, "loss": loss_value, **dict(zip(PHASES, phases))})
+            records.append({"step": step, "loss": loss_value, **dict(zip(PHASES, phases)), "comm_s": comm_s})
         return records
+
+    @property
+    def allreduce_bytes(self) -> int:
+        """Bytes each rank all-reduces per step: every gradient, in the wire dtype."""
+        if self.world_size == 1:
+            return 0
+        wire_size = torch.empty((), dtype=self._comm.dtype).element_size() if self._comm.dtype else 4
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) * wire_size
+
+    def profile(self, step: int, repeats: int = 3) -> dict:
+        """Time what a step's overlap hides. Collective; leaves the model as it was.
+
+        backward_compute_s: forward and backward of `step`'s batch without any all-reduce
+        (DDP's no_sync), median of `repeats`; allreduce_s: one plain all-reduce of a flat
+        tensor of allreduce_bytes on this group (the microbenchmark), median of `repeats`.
+        """
+        buffers = [b.clone() for b in self.model.buffers()]
+        images, targets = self.data.batch(step)
+        images = images.contiguous(memory_format=self._memory_format)
+        no_sync = self.ddp_module.no_sync() if self.world_size > 1 else contextlib.nullcontext()
+        backward = []
+        with no_sync:
+            for _ in range(repeats):
+                loss = self._loss(images, targets)
+                t0 = self._clock.mark()
+                loss.backward()
+                t1 = self._clock.mark()
+                self.optimizer.zero_grad(set_to_none=True)
+                self._synchronize()
+                backward.append(self._clock.seconds(t0, t1))
+        for buffer, saved in zip(self.model.buffers(), buffers):
+            buffer.copy_(saved)
+        allreduce = []
+        if self.world_size > 1:
+            flat = torch.zeros(self.allreduce_bytes // 4 if self._comm.dtype is None else self.allreduce_bytes // 2,
+                               dtype=self._comm.dtype or torch.float32, device=self.device)
+            for _ in range(repeats):
+                torch.distributed.barrier()
+                start = time.perf_counter()
+                torch.distributed.all_reduce(flat)
+                self._synchronize()
+                allreduce.append(time.perf_counter() - start)
+        return {"backward_compute_s": statistics.median(backward),
+                "allreduce_s": statistics.median(allreduce) if allreduce else 0.0,
+                "allreduce_bytes": self.allreduce_bytes}
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm running stats) over ranks. Collective.
@@ -233,6 +292,43 @@ def _map_tensors(tree, fn):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map_tensors(v, fn) for v in tree)
     return tree
+
+
+class _AllReduceHook:
+    """DDP's communication hook: averages each gradient bucket over ranks, like DDP's own
+    default (divide, then all-reduce a sum), optionally sent in fp16/bf16, and records the
+    step's communication window: from the first bucket handed over to the last one done.
+
+    The window is host time: exact with gloo, where the callback runs when the bytes have
+    arrived; with NCCL it marks when the work was queued, so sweeps report it on CPU only.
+    """
+
+    def __init__(self, *, world_size: int, dtype: torch.dtype | None):
+        self.world_size, self.dtype = world_size, dtype
+        self._first = self._last = None
+
+    def hook(self, state, bucket):  # no annotations: DDP checks them against its own types
+        if self._first is None:
+            self._first = time.perf_counter()
+        grads = bucket.buffer()
+        wire = grads.to(self.dtype) if self.dtype is not None else grads
+        wire.div_(self.world_size)
+        future = torch.distributed.all_reduce(wire, async_op=True).get_future()
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            self._last = time.perf_counter()
+            reduced = fut.value()[0]
+            if self.dtype is not None:
+                grads.copy_(reduced)
+                return grads
+            return reduced
+
+        return future.then(done)
+
+    def pop_window_s(self) -> float:
+        window = (self._last - self._first) if self._first is not None and self._last is not None else 0.0
+        self._first = self._last = None
+        return window
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

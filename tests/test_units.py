@@ -43,8 +43,8 @@ def test_stream_positions_cover_each_epoch_once():
 
 
 def test_aggregate_defines_the_loss_on_the_global_batch():
-    records = [{"loss": 2.0, "data_s": 0.1, "forward_s": 0.2, "backward_s": 0.3, "optimizer_s": 0.1},
-               {"loss": 4.0, "data_s": 0.1, "forward_s": 0.4, "backward_s": 0.3, "optimizer_s": 0.1}]
+    records = [{"loss": 2.0, "data_s": 0.1, "forward_s": 0.2, "backward_s": 0.3, "optimizer_s": 0.1, "comm_s": 0.2},
+               {"loss": 4.0, "data_s": 0.1, "forward_s": 0.4, "backward_s": 0.3, "optimizer_s": 0.1, "comm_s": 0.1}]
     mean = aggregate(step=0, rank_records=records, loss_kind="cross_entropy", global_batch_size=8,
                      wall_s=0.5, finished_at=0.0)
     total = aggregate(step=0, rank_records=records, loss_kind="sum", global_batch_size=8, wall_s=0.5,

@@ -1,9 +1,11 @@
 """The reference: a plain torchrun + DDP script, as a user would write it without distrib.
 
-    torchrun --nproc-per-node 2 bench/torchrun_ddp.py --steps 30 --batch-size 32 --image-size 64
+    torchrun --nproc-per-node 2 -m distrib.torchrun_baseline --steps 30 --batch-size 32 --image-size 64
 
-Rank 0 prints one JSON line: images/s after the first (warm-up) step, and the
-seconds from process start to the end of the first step.
+Used by bench/core_throughput.py and by `distrib scale --baseline torchrun`. Rank 0
+prints one JSON line: images/s over the steps after `--warmup`, and the seconds from
+process start to the end of the first step. It is deliberately plain (DDP defaults,
+its own random batch per rank), so it stays the tool a user would otherwise use.
 """
 
 import argparse
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=1, help="steps not timed")
     parser.add_argument("--backend", default="gloo")
     args = parser.parse_args()
 
@@ -36,6 +39,8 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator(device=device).manual_seed(rank)
     first_step_done = timed_from = None
+    if not 1 <= args.warmup < args.steps:
+        parser.error('--warmup must be in [1, steps)')
     for step in range(args.steps):
         images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen, device=device)
         labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen, device=device)
@@ -46,10 +51,11 @@ def main() -> None:
         loss.item()
         if step == 0:
             first_step_done = time.time()
+        if step == args.warmup - 1:
             timed_from = time.perf_counter()
     elapsed = time.perf_counter() - timed_from
     if rank == 0:
-        print(json.dumps({"images_per_s": (args.steps - 1) * args.batch_size * world / elapsed,
+        print(json.dumps({"images_per_s": (args.steps - args.warmup) * args.batch_size * world / elapsed,
                           "first_step_s": first_step_done - START}))
     dist.destroy_process_group()
 
