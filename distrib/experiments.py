@@ -332,6 +332,7 @@ def _plot(out_dir: Path, rows: list[dict]) -> None:
             ax.plot(workers, [w * ones[0]["images_per_s"] for w in workers], linestyle="--",
                     color=line.get_color(), alpha=0.5, label="ideal (linear from 1 worker)")
     ax.set(xlabel="workers", ylabel="images/s", title=f"Throughput ({scaling} scaling)")
+    ax.set_xticks(sorted({r["num_workers"] for r in rows}))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -345,6 +346,7 @@ def _plot(out_dir: Path, rows: list[dict]) -> None:
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="workers", ylabel="efficiency (images/s / (N x 1-worker images/s))",
            title="Scaling efficiency", ylim=(0, 1.2))
+    ax.set_xticks(sorted({r["num_workers"] for r in rows}))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
