@@ -7,7 +7,8 @@
 #   RAY_ADDRESS=http://127.0.0.1:8265 deploy/submit.sh --config configs/local.yaml --set steps=20
 #   deploy/submit.sh --address http://localhost:8265 --config configs/gpu.yaml --set run_dir=/home/ray/runs/exp1
 #
-# All arguments but --address go to `distrib train`. Metrics and checkpoints are written by
+# All arguments but --address go to `distrib train`; start them with `scale` to run a
+# scaling sweep instead (`deploy/submit.sh scale --config configs/sweep-gpu.yaml`). Metrics and checkpoints are written by
 # the driver, on the head node: give run_dir an absolute path there and fetch it afterwards
 # (`ray rsync-down cluster.yaml /home/ray/runs ./runs`).
 set -euo pipefail
@@ -21,7 +22,12 @@ if [ -z "$address" ]; then
   echo "submit.sh: no cluster: set RAY_ADDRESS or pass --address http://HEAD:8265" >&2
   exit 2
 fi
+command=train
+if [ "${1:-}" = "scale" ] || [ "${1:-}" = "train" ]; then
+  command="$1"
+  shift
+fi
 # The upload skips what .gitignore lists (the venv, runs); these are named again to be sure.
 exec ray job submit --address "$address" --working-dir "$repo" \
   --runtime-env-json '{"excludes": [".venv", "runs", ".device-wheels", ".git"]}' \
-  -- python -m distrib train "$@"
+  -- python -m distrib "$command" "$@"

@@ -93,3 +93,12 @@ def test_cli_bad_sweep_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "distrib", "scale", "--config", str(tmp_path / "none.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_shipped_sweeps_load():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs").glob("sweep-*.yaml"))
+    assert len(shipped) >= 2
+    for path in shipped:
+        assert load_sweep(path).points()

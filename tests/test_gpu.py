@@ -53,3 +53,24 @@ def test_tutorial_step_on_gpu_gives_the_plain_loss():
     assert result.device == "cuda"
     assert result.distrib_loss == result.plain_loss
     assert result.max_param_diff < 1e-4
+
+
+def test_resume_on_gpu(tmp_path):
+    cfg = gpu_cfg(tmp_path, steps=6, steps_per_call=1, check_every=2, checkpoint_every=2)
+    with Orchestrator(cfg, progress=False) as orch:
+        orch.train(3)
+    with Orchestrator(cfg, progress=False, resume_dir=cfg.run_dir) as orch:
+        assert orch.step_count == 2
+        metrics = orch.train()
+    assert [m.step for m in metrics] == [2, 3, 4, 5]
+
+
+def test_sweep_point_on_gpu(tmp_path):
+    from distrib.experiments import SweepConfig, run_sweep
+
+    sweep = SweepConfig(base=gpu_cfg(tmp_path), sweep={"num_workers": (1,)}, warmup_steps=3, timed_steps=6,
+                        out_dir=str(tmp_path / "sweep"))
+    _, rows = run_sweep(sweep, say=lambda text: None)
+    (row,) = rows
+    assert row["device"] == "cuda" and row["backend"] == "nccl" and row["images_per_s"] > 0
+    assert row["backward_compute_s"] > 0 and row["efficiency"] == 1.0
