@@ -80,10 +80,12 @@ class Trainer:
         # module gives the same numbers without DDP's per-step hooks and launches.
         self.ddp_module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
         self._forward = torch.compile(self.ddp_module) if cfg.compile else self.ddp_module
-        # fused: one kernel for the whole update on a GPU instead of a few per parameter group.
+        # fused: one kernel for the whole update on a GPU instead of a few per parameter group;
+        # not with fp16's gradient scaler (fp16 steps went NaN in one of two runs with it on an
+        # H200, torch 2.11; never without).
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                                         fused=self.device.type == "cuda")
+                                         fused=self.device.type == "cuda" and cfg.precision != "fp16")
         # The scaler's skip decision reads gradients after DDP's all-reduce, which are
         # identical on every rank, so every rank skips the same steps.
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
