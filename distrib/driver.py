@@ -161,10 +161,16 @@ class Orchestrator:
             raise ConfigError(f"run_dir: {str(run_dir)!r} already holds a run (metrics.jsonl); "
                               "choose another run_dir, remove it, or resume it with --resume")
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg = self.cfg.replace(run_dir=str(run_dir))
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         self.run_dir = run_dir
+        self._write_config()
         self._metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    def _write_config(self) -> None:
+        """RUN_DIR/config.yaml: the resolved config this run goes on with (what --resume reads)."""
+        self.cfg = self.cfg.replace(run_dir=str(self.run_dir))
+        tmp = self.run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        tmp.replace(self.run_dir / "config.yaml")
 
     def _open_resumed_run(self) -> None:
         """Continue the run in resume_dir from its newest valid checkpoint."""
@@ -174,6 +180,7 @@ class Orchestrator:
         for reason in skipped:
             self._say(f"skipping a checkpoint: {reason}")
         checkpoint.check_compatible(ckpt, self.cfg)
+        self._write_config()  # keeps what --set changed (steps, say) for the next resume
         self._snapshot = (ckpt.step, ray.put(ckpt.payload))
         self.step_count = ckpt.step
         self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -268,10 +275,31 @@ class Orchestrator:
                 raise ReplicaError(f"{self._name([rank])} died during {what}: {_first_line(err)}",
                                    ranks=[rank], step=step) from err
             except ray.exceptions.RayTaskError as err:
-                raise ReplicaError(f"{self._name([rank])} failed during {what}: "
-                                   f"{type(err.cause).__name__}: {_first_line(err.cause)}",
+                cause = f"{type(err.cause).__name__}: {_first_line(err.cause)}"
+                # A peer's death breaks the collective of the ranks still alive; blame the dead one.
+                dead = self._dead_among(pending)
+                if dead:
+                    raise ReplicaError(f"{self._name(dead)} died during {what} (so {self._name([rank])} "
+                                       f"failed: {cause})", ranks=dead, step=step) from err
+                raise ReplicaError(f"{self._name([rank])} failed during {what}: {cause}",
                                    ranks=[rank], step=step) from err
         return results
+
+    @staticmethod
+    def _dead_among(pending: dict, grace_s: float = 2.0) -> list[int]:
+        """Ranks (of `pending`: ref -> rank) whose actor is found dead within `grace_s`."""
+        if not pending:
+            return []
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=grace_s)
+        dead = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(pending[ref])
+            except ray.exceptions.RayError:
+                pass
+        return sorted(dead)
 
     def _diagnose(self, late_ranks: list[int]) -> str:
         """Name the ranks holding the others up: those that do not answer a probe, else those

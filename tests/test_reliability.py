@@ -92,3 +92,22 @@ def test_out_of_restarts_is_a_clear_error(tmp_path):
     with pytest.raises(ReplicaError, match=r"rank 0 .* died during step .*no restarts left: max_restarts=0"):
         with Orchestrator(cfg, progress=False) as orch:
             orch.train()
+
+
+def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):
+    import subprocess
+    import sys
+
+    from distrib import checkpoint, config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = base_cfg(run_dir)
+    (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(config.to_dict(cfg)))
+    path = checkpoint.write(run_dir, step=2, cfg=cfg, payload=b"x" * 100, keep=2)
+    path.write_bytes(path.read_bytes()[:-10])  # truncated, as by a crash mid-copy
+    done = subprocess.run([sys.executable, "-m", "distrib", "train", "--resume", str(run_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("distrib: error: no valid checkpoint in") and "is truncated" in last
