@@ -323,6 +323,14 @@ def _plot(out_dir: Path, rows: list[dict]) -> None:
         extra = "" if r["tool"] != "distrib" else f", {r['precision']}, {r['grad_compression']} compression"
         return f"{r['tool']}: {r['image_size']} px, {batch}{extra}"
 
+    def save(fig, ax, name: str) -> None:
+        ax.set_xticks(sorted({r["num_workers"] for r in rows}))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for rs in series.values():
         workers = [r["num_workers"] for r in rs]
@@ -332,12 +340,7 @@ def _plot(out_dir: Path, rows: list[dict]) -> None:
             ax.plot(workers, [w * ones[0]["images_per_s"] for w in workers], linestyle="--",
                     color=line.get_color(), alpha=0.5, label="ideal (linear from 1 worker)")
     ax.set(xlabel="workers", ylabel="images/s", title=f"Throughput ({scaling} scaling)")
-    ax.set_xticks(sorted({r["num_workers"] for r in rows}))
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "throughput.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for rs in series.values():
@@ -346,12 +349,7 @@ def _plot(out_dir: Path, rows: list[dict]) -> None:
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="workers", ylabel="efficiency (images/s / (N x 1-worker images/s))",
            title="Scaling efficiency", ylim=(0, 1.2))
-    ax.set_xticks(sorted({r["num_workers"] for r in rows}))
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "efficiency.png", dpi=110)
-    plt.close(fig)
+    save(fig, ax, "efficiency.png")
 
     ours = [r for r in rows if r["tool"] == "distrib"]
     parts = [("data_s", "data"), ("forward_s", "forward"), ("backward_compute_s", "backward compute"),
