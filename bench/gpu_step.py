@@ -67,7 +67,9 @@ def compare(*, device: str, image_size: int, batch_size: int, precision: str, st
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(num_workers=1, device=device, batch_size_per_worker=batch_size, image_size=image_size,
                         precision=precision, channels_last=True, steps=steps_per_call + rounds * steps,
-                        steps_per_call=steps_per_call, check_every=0, run_dir=f"{tmp}/run")
+                        steps_per_call=steps_per_call, run_dir=f"{tmp}/run",
+                        # the bare loop neither checks nor checkpoints: time training alone
+                        check_every=0, checkpoint_every=0)
         pairs = []
         with Orchestrator(cfg, progress=False) as orch:
             orch.train(steps_per_call)  # warm-up: cuDNN autotuning, the caching allocator

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,8 @@ class Orchestrator:
         """(steps done, object ref of the snapshot bytes): where a recovery starts."""
         self._faults: list[faults.Fault] = []
         self._step_walls: deque[float] = deque(maxlen=50)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._checkpoint_write: Future | None = None
         self._closed = False
 
     # ---- start-up -------------------------------------------------------------------------
@@ -368,6 +371,7 @@ class Orchestrator:
                     bar.update(self.step_count)
         finally:
             bar.close()
+        self._finish_checkpoint_write()
         if self.step_count == cfg.steps:
             self._write_summary()
         return [m for m in self.history if m.step >= start_step]
@@ -430,9 +434,19 @@ class Orchestrator:
         return count
 
     def _keep_snapshot(self, step: int, payload: bytes) -> None:
-        """Hold the snapshot for recovery (in the driver's object store) and write it to disk."""
+        """Hold the snapshot for recovery (in the driver's object store) and write it to disk
+        on a background thread (hashing and fsync take ~1 s for resnet18), so the driver
+        goes on feeding the replicas meanwhile. One write at a time, in step order."""
         self._snapshot = (step, ray.put(payload))
-        checkpoint.write(self.run_dir, step=step, cfg=self.cfg, payload=payload, keep=self.cfg.keep_checkpoints)
+        self._finish_checkpoint_write()
+        self._checkpoint_write = self._writer.submit(checkpoint.write, self.run_dir, step=step, cfg=self.cfg,
+                                                     payload=payload, keep=self.cfg.keep_checkpoints)
+
+    def _finish_checkpoint_write(self) -> None:
+        """Wait for the checkpoint being written (raising its error, if any)."""
+        if self._checkpoint_write is not None:
+            pending, self._checkpoint_write = self._checkpoint_write, None
+            pending.result()
 
     def _recover(self, err: ReplicaError) -> None:
         """Replace the whole group and go back to the newest snapshot (or step 0), or give up."""
@@ -533,6 +547,7 @@ class Orchestrator:
             return
         self._closed = True
         self._stop_group()
+        self._writer.shutdown(wait=True)  # a checkpoint being written is finished, never cut short
         if self._metrics is not None:
             self._metrics.close()
 
