@@ -163,10 +163,8 @@ class Trainer:
             comm_windows.append(self._comm.pop_window_s())
         self.next_step = first_step + num_steps
         self.position = (self.next_step - 1, "done")
-        # The one host synchronisation of the call.
+        # The one host synchronisation of the call; it also completes the last step's events.
         loss_values = torch.stack(losses).tolist()
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
         records = []
         for step, loss_value, m, comm_s in zip(range(first_step, first_step + num_steps), loss_values, marks,
                                                comm_windows):
@@ -176,11 +174,13 @@ class Trainer:
 
     @property
     def allreduce_bytes(self) -> int:
-        """Bytes each rank all-reduces per step: every gradient, in the wire dtype."""
-        if self.world_size == 1:
-            return 0
-        wire_size = torch.empty((), dtype=self._comm.dtype).element_size() if self._comm.dtype else 4
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) * wire_size
+        """Bytes each rank all-reduces per step: every gradient, in the wire dtype (0 alone)."""
+        return self._wire_gradients().nbytes if self.world_size > 1 else 0
+
+    def _wire_gradients(self) -> torch.Tensor:
+        """A flat tensor the size and dtype of one step's all-reduced gradients (meta: no memory)."""
+        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return torch.empty(numel, dtype=self._comm.dtype or torch.float32, device="meta")
 
     def profile(self, step: int, repeats: int = 3) -> dict:
         """Time what a step's overlap hides. Collective; leaves the model as it was.
@@ -207,8 +207,7 @@ class Trainer:
             buffer.copy_(saved)
         allreduce = []
         if self.world_size > 1:
-            flat = torch.zeros(self.allreduce_bytes // 4 if self._comm.dtype is None else self.allreduce_bytes // 2,
-                               dtype=self._comm.dtype or torch.float32, device=self.device)
+            flat = torch.zeros_like(self._wire_gradients(), device=self.device)
             for _ in range(repeats):
                 torch.distributed.barrier()
                 start = time.perf_counter()
