@@ -79,7 +79,7 @@ def node_loss(tmp: Path) -> dict:
             training.start()
             while orch.step_count < 6:
                 time.sleep(0.02)
-            (node,) = [n for n in cluster.worker_nodes if n.node_id == orch._nodes[1]["node_id"]]
+            (node,) = [n for n in cluster.worker_nodes if n.node_id == orch.nodes[1].node_id]
             fault_at = time.time()
             cluster.remove_node(node, allow_graceful=False)
             time.sleep(1)
@@ -115,7 +115,8 @@ def main() -> None:
                 injected(tmp, reference, "replica stalled", "stall:0@10")]
         ray.shutdown()
         rows.append(node_loss(tmp))
-    print("| fault | restarts | fault -> detected (s) | fault -> first step after recovery (s) | max abs diff vs uninterrupted |")
+    print("| fault | restarts | fault -> detected (s) | fault -> first step after recovery (s) "
+          "| max abs diff vs uninterrupted |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['fault']} | {r['restarts']} | {r['detect_s']:.2f} | {r['recover_s']:.2f} | {r['max_abs_diff']} |")

@@ -4,8 +4,9 @@ World size 1 (NCCL cannot put two ranks on one GPU). For each workload the bare
 loop (in this process) and distrib (one Ray actor, driven call by call) train
 resnet18 on synthetic data made on the GPU, with bf16 autocast, channels_last
 and cuDNN autotuning; warm-up steps are not timed. Rounds alternate the two on one
-warm distrib run; the best of each and the median of the per-round ratios are printed. Also runs the tutorial's step (1 image,
-64 px, fp32) through distrib and plainly, and prints both losses.
+warm distrib run; the best of each and the median of the per-round ratios are printed.
+Also runs the tutorial's step (1 image, 64 px, fp32) through distrib and plainly, and
+prints both losses.
 
     python bench/gpu_step.py [--rounds 4] [--only 64] [--json results.json]
     python bench/gpu_step.py --device cpu --quick     # a smoke run of the script itself

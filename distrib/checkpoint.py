@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distrib.config import RunConfig, to_dict
+from distrib.errors import CheckpointError
 
 MAGIC = b"distrib-checkpoint v1\n"
 
@@ -27,10 +28,6 @@ RESUMABLE_KEYS = frozenset({
     "calls_in_flight", "start_timeout_s", "step_timeout_s", "hang_timeout_factor", "hang_timeout_min_s",
     "placement_strategy", "loader_workers", "faults", "run_dir",
 })
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)

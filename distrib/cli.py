@@ -14,8 +14,7 @@ from pathlib import Path
 import yaml
 
 from distrib import config
-from distrib.checkpoint import CheckpointError
-from distrib.config import ConfigError
+from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     scale = commands.add_parser("scale", help="run a scaling sweep (throughput, efficiency, time breakdown)")
     scale.add_argument("--config", required=True, help="sweep YAML: base run config and values to sweep")
-    scale.add_argument("--baseline", choices=["torchrun"], help="also run each point with plain torchrun + DDP, locally")
+    scale.add_argument("--baseline", choices=["torchrun"],
+                       help="also run each point with plain torchrun + DDP, locally")
     scale.add_argument("--resume", metavar="OUT_DIR", help="continue a sweep, skipping its finished points")
     scale.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
 
@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distrib.driver import Orchestrator, connect_ray
+    from distrib.driver import Orchestrator
+    from distrib.group import connect_ray
 
     if args.resume:
         if args.config:
@@ -76,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _seed_step(args: argparse.Namespace) -> int:
-    from distrib.driver import connect_ray
+    from distrib.group import connect_ray
     from distrib.tutorial import seed_step
 
     connect_ray(args.address)
@@ -89,8 +90,9 @@ def _seed_step(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from distrib.driver import connect_ray
-    from distrib.experiments import format_table, load_sweep, run_sweep
+    from distrib.group import connect_ray
+    from distrib.scale import load_sweep, run_sweep
+    from distrib.scale_report import format_table
 
     sweep = load_sweep(args.config)
     connect_ray(args.address)
@@ -118,13 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distrib: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # a failed run: one readable line, the traceback is in Ray's logs
-        from distrib.driver import DivergenceError, PlacementError, ReplicaError
-
-        if isinstance(err, (ReplicaError, DivergenceError, PlacementError)):
-            print(f"distrib: run failed: {err}", file=sys.stderr)
-            return 1
-        raise
+    except (ReplicaError, DivergenceError, PlacementError) as err:  # the traceback is in Ray's logs
+        print(f"distrib: run failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ import datetime
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distrib.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,16 @@ def resolve_backend(backend: str, device: str) -> str:
     if backend != "auto":
         return backend
     return "nccl" if device == "cuda" else "gloo"
+
+
+def resolve_config(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
+    """`cfg` with every `auto` replaced by what this cluster gets: GPU speed settings on cuda, fp32 on cpu."""
+    device = resolve_device(cfg.device, cluster_gpus)
+    return cfg.replace(
+        device=device,
+        backend=resolve_backend(cfg.backend, device),
+        precision=cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32"),
+    )
 
 
 def node_address() -> str:
@@ -64,14 +78,6 @@ def init_process_group(*, backend: str, master_addr: str, master_port: int,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-
-
-def destroy_process_group() -> None:
-    """Leave the process group if this process is in one; safe to call twice."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -19,9 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line, naming key, value and rule."""
+from distrib import faults
+from distrib.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +167,6 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
     _rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
     _rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
-    from distrib import faults  # here, not at the top: faults imports this module
-
     faults.parse(cfg.faults, num_workers=cfg.num_workers)
     _rule(cfg.start_timeout_s > 0, "start_timeout_s", cfg.start_timeout_s, "must be > 0")
     _rule(cfg.step_timeout_s > 0, "step_timeout_s", cfg.step_timeout_s, "must be > 0")
@@ -208,17 +205,19 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_FIELDS)}"
-    return ConfigError(f"{key}: unknown key{hint}")
+def unknown_key(key: str, known: typing.Iterable[str], *, prefix: str = "") -> ConfigError:
+    """The error for a key that is not in `known`, with the closest known one as the fix."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{prefix}{key}: unknown key{hint}")
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from plain values (as YAML gives them)."""
     for key in values:
         if key not in _FIELDS:
-            raise _unknown_key(key)
+            raise unknown_key(key, _FIELDS)
     return RunConfig(**{key: _coerce(key, value, _HINTS[key]) for key, value in values.items()})
 
 
@@ -240,22 +239,26 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
+def read_yaml(path: str | Path, *, what: str = "YAML file") -> dict[str, Any]:
+    """The mapping in a YAML file ({} for an empty one); ConfigError naming the file, and the
+    line and column of a syntax error, when it is missing, malformed or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: {str(path)!r} is invalid: no such file; pass an existing {what}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config: {str(path)!r} is malformed YAML{where}: {problem}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config: {str(path)!r} is invalid: must be a YAML mapping of key: value")
+    return loaded or {}
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML run config (or the defaults when `path` is None) and apply `--set` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: {str(path)!r} is invalid: no such file; pass an existing YAML file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or "not valid YAML"
-            raise ConfigError(f"config: {str(path)!r} is malformed YAML{where}: {problem}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config: {str(path)!r} is invalid: must be a YAML mapping of key: value")
-        values = loaded or {}
+    values = read_yaml(path) if path is not None else {}
     values.update(parse_overrides(list(overrides)))
     return from_dict(values)

@@ -78,7 +78,8 @@ def build_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
     if cfg.data == "fake":
         return torchvision.datasets.FakeData(
             size=cfg.dataset_size, image_size=(3, cfg.image_size, cfg.image_size),
-            num_classes=cfg.num_classes, transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]),
+            num_classes=cfg.num_classes,
+            transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]),
             random_offset=cfg.seed)
     if cfg.data == "folder":
         # The standard evaluation-style pipeline: resize the short side (256/224 of the crop), centre-crop.

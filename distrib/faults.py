@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from distrib.config import ConfigError
+from distrib.errors import ConfigError
 
 _FAULT = re.compile(r"^(kill|stall):(\d+)@(\d+)$")
 

@@ -1,18 +1,14 @@
-"""Per-step metrics: what replicas report, how the driver aggregates them, and the run's summary.
+"""Per-step metrics: how the driver combines the replicas' step records, and the run's summary.
 
 Pure Python (no torch, no ray), so the driver stays light and the maths is unit-testable.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import IO
+from dataclasses import dataclass
 
-PHASES = ("data_s", "forward_s", "backward_s", "optimizer_s")
-"""Phases of a replica's step, in seconds; backward_s includes DDP's all-reduce, which overlaps it."""
+from distrib.protocol import PHASES, StepRecord
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +35,7 @@ class StepMetrics:
     overlaps backward_s. 0 at world size 1."""
 
 
-def aggregate(*, step: int, rank_records: list[dict], loss_kind: str, global_batch_size: int,
+def aggregate(*, step: int, rank_records: list[StepRecord], loss_kind: str, global_batch_size: int,
               wall_s: float, finished_at: float) -> StepMetrics:
     """Combine each rank's record of one step. Phase times are the mean over ranks."""
     losses = [r["loss"] for r in rank_records]
@@ -72,27 +68,3 @@ def format_summary(summary: dict) -> str:
     return (f"{summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
             f"{summary['images_per_s']:.1f} images/s\n"
             f"step {step_ms:.1f} ms (driver wall): {parts}")
-
-
-class MetricsLog:
-    """Appends one JSON line per step to RUN_DIR/metrics.jsonl, flushed per write."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file: IO[str] = path.open("a")
-
-    def truncate(self, step: int) -> None:
-        """Keep only the lines of steps before `step` (they are about to be run again)."""
-        self._file.close()
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
-        self._file = self.path.open("a")
-
-    def write(self, metrics: StepMetrics) -> None:
-        self._file.write(json.dumps(asdict(metrics)) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()

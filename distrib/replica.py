@@ -15,6 +15,7 @@ import ray
 from distrib import comm
 from distrib.config import RunConfig
 from distrib.faults import Fault
+from distrib.protocol import NodeInfo, Position, StepRecord
 
 CONCURRENCY_GROUPS = {"probe": 1}
 """The hang probe's own thread; every other call runs on the one default thread, in order."""
@@ -40,11 +41,11 @@ class Replica:
         self.world_size = world_size
         self._trainer = None
 
-    def node_info(self) -> dict:
+    def node_info(self) -> NodeInfo:
         """Where this replica runs: used to name it in every error."""
-        return {"node": comm.node_address(), "node_id": ray.get_runtime_context().get_node_id(),
-                "host": comm.host_name(), "pid": os.getpid(),
-                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device_name": _device_name()}
+        return NodeInfo(node=comm.node_address(), node_id=ray.get_runtime_context().get_node_id(),
+                        host=comm.host_name(), pid=os.getpid(),
+                        gpus=os.environ.get("CUDA_VISIBLE_DEVICES", ""), device_name=_device_name())
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port for the group's TCP store (asked of rank 0)."""
@@ -63,7 +64,7 @@ class Replica:
         if snapshot is not None:
             self._trainer.restore(snapshot, step=first_step)
 
-    def run_steps(self, first_step: int, num_steps: int) -> list[dict]:
+    def run_steps(self, first_step: int, num_steps: int) -> list[StepRecord]:
         """See Trainer.run_steps. Collective: every rank gets the same call."""
         return self._trainer.run_steps(first_step, num_steps)
 
@@ -84,11 +85,7 @@ class Replica:
         return self._trainer.snapshot()
 
     @ray.method(concurrency_group="probe")
-    def position(self) -> tuple[int, str]:
-        """(step, phase) the replica is in. Runs on its own thread, so it answers while a
-        step hangs; a replica that does not answer is stopped or frozen."""
-        return self._trainer.position if self._trainer is not None else (-1, "setup")
-
-    def shutdown(self) -> None:
-        """Leave the process group; safe to call twice."""
-        comm.destroy_process_group()
+    def position(self) -> Position:
+        """Where the replica is. Runs on its own thread, so it answers while a step hangs;
+        a replica that does not answer is stopped or frozen."""
+        return self._trainer.position if self._trainer is not None else Position(-1, "setup")

@@ -24,8 +24,8 @@ from distrib import comm
 from distrib.config import RunConfig
 from distrib.data import ShardSource
 from distrib.faults import Fault, fire
-from distrib.metrics import PHASES
 from distrib.model import StateDict, build_model
+from distrib.protocol import PHASES, Position, StepRecord
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,8 +97,8 @@ class Trainer:
         self._clock = _Clock(self.device)
         self._faults = {f.step: f for f in faults if f.rank == world_rank}
         self.next_step = 0
-        self.position: tuple[int, str] = (-1, "idle")
-        """(step, phase) this rank is in; read by the driver's hang probe from another thread."""
+        self.position = Position(-1, "idle")
+        """Where this rank is; read by the driver's hang probe from another thread."""
 
     def _wrap_ddp(self, cfg: RunConfig) -> DistributedDataParallel:
         # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
@@ -123,7 +123,7 @@ class Trainer:
             return (outputs.float() - targets).sum()
         return torch.nn.functional.cross_entropy(outputs.float(), targets)
 
-    def run_steps(self, first_step: int, num_steps: int) -> list[dict]:
+    def run_steps(self, first_step: int, num_steps: int) -> list[StepRecord]:
         """Train steps first_step .. first_step + num_steps - 1; one record per step.
 
         Each record holds this rank's loss on its shard (mean or sum, as the config says)
@@ -133,24 +133,24 @@ class Trainer:
             raise RuntimeError(f"asked for step {first_step}, but the next step here is {self.next_step}")
         losses, marks, comm_windows = [], [], []
         for step in range(first_step, first_step + num_steps):
-            self.position = (step, "data")
+            self.position = Position(step, "data")
             if step in self._faults:
                 fire(self._faults.pop(step))
             t0 = self._clock.mark()
             images, targets = self.data.batch(step)
             images = images.contiguous(memory_format=self._memory_format)
             t1 = self._clock.mark()
-            self.position = (step, "forward")
+            self.position = Position(step, "forward")
             loss = self._loss(images, targets)
             t2 = self._clock.mark()
-            self.position = (step, "backward")
+            self.position = Position(step, "backward")
             scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
             if self.scaler is not None:
                 self.scaler.scale(scaled).backward()
             else:
                 scaled.backward()
             t3 = self._clock.mark()
-            self.position = (step, "optimizer")
+            self.position = Position(step, "optimizer")
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -162,14 +162,14 @@ class Trainer:
             marks.append((t0, t1, t2, t3, t4))
             comm_windows.append(self._comm.pop_window_s())
         self.next_step = first_step + num_steps
-        self.position = (self.next_step - 1, "done")
+        self.position = Position(self.next_step - 1, "done")
         # The one host synchronisation of the call; it also completes the last step's events.
         loss_values = torch.stack(losses).tolist()
         records = []
         for step, loss_value, m, comm_s in zip(range(first_step, first_step + num_steps), loss_values, marks,
                                                comm_windows):
             phases = [self._clock.seconds(a, b) for a, b in zip(m, m[1:])]
-            records.append({"step": step, "loss": loss_value, **dict(zip(PHASES, phases)), "comm_s": comm_s})
+            records.append(StepRecord(step=step, loss=loss_value, **dict(zip(PHASES, phases)), comm_s=comm_s))
         return records
 
     @property

@@ -59,7 +59,7 @@ def test_every_key_of_cluster_yaml_is_commented():
             continue
         list_indent = None
         if re.match(r"^[\w.\-/]+:", stripped):
-            above = next(l.strip() for l in reversed(lines[:number]) if l.strip())
+            above = next(text.strip() for text in reversed(lines[:number]) if text.strip())
             assert above.startswith("#") or " # " in line, f"cluster.yaml line {number + 1} lacks a comment: {line}"
 
 
@@ -82,7 +82,8 @@ def test_kuberay_rayjob_has_what_kuberay_requires():
 
 def test_dockerfile_lints_clean():
     dockerfile = REPO / "deploy" / "Dockerfile"
-    instructions = [l.split()[0] for l in dockerfile.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    instructions = [text.split()[0] for text in dockerfile.read_text().splitlines()
+                    if text.strip() and not text.startswith("#")]
     assert instructions[0] == "FROM"
     for line in dockerfile.read_text().splitlines():
         if line.startswith("COPY"):

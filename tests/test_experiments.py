@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from distrib.config import ConfigError
-from distrib.experiments import load_sweep, run_sweep
+from distrib.scale import load_sweep, run_sweep
 
 TINY = """
 base: {device: cpu, batch_size_per_worker: 4, image_size: 32, num_classes: 10, loader_workers: 0}

@@ -66,7 +66,7 @@ def test_resume_on_gpu(tmp_path):
 
 
 def test_sweep_point_on_gpu(tmp_path):
-    from distrib.experiments import SweepConfig, run_sweep
+    from distrib.scale import SweepConfig, run_sweep
 
     sweep = SweepConfig(base=gpu_cfg(tmp_path), sweep={"num_workers": (1,)}, warmup_steps=3, timed_steps=6,
                         out_dir=str(tmp_path / "sweep"))

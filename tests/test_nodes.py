@@ -56,7 +56,7 @@ def remove_node_of_rank(cluster: Cluster, orch: Orchestrator, rank: int, *, at_s
     deadline = time.monotonic() + 120
     while orch.step_count < at_step and time.monotonic() < deadline:
         time.sleep(0.05)
-    node_id = orch._nodes[rank]["node_id"]
+    node_id = orch.nodes[rank].node_id
     (node,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
     cluster.remove_node(node, allow_graceful=False)
 
@@ -66,7 +66,7 @@ def test_lost_node_recovers_when_capacity_returns(cluster, tmp_path):
         orch.train()
         uninterrupted = flat_state(orch.state())
     with Orchestrator(node_cfg(tmp_path / "run"), progress=False) as orch:
-        assert len({n["node_id"] for n in orch._nodes}) == 2  # SPREAD: one replica per node
+        assert len({n.node_id for n in orch.nodes}) == 2  # SPREAD: one replica per node
         training = Training(orch)
         training.start()
         remove_node_of_rank(cluster, orch, 1, at_step=3)

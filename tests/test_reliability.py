@@ -89,9 +89,9 @@ def test_out_of_restarts_is_a_clear_error(tmp_path):
     from distrib import ReplicaError
 
     cfg = base_cfg(tmp_path / "run").replace(faults="kill:0@1", max_restarts=0)
-    with pytest.raises(ReplicaError, match=r"rank 0 .* died during step .*no restarts left: max_restarts=0"):
-        with Orchestrator(cfg, progress=False) as orch:
-            orch.train()
+    with (pytest.raises(ReplicaError, match=r"rank 0 .* died during step .*no restarts left: max_restarts=0"),
+          Orchestrator(cfg, progress=False) as orch):
+        orch.train()
 
 
 def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):

@@ -102,7 +102,7 @@ def test_divergence_is_named(small_cfg):
         name, value = prints[1][5]
         prints[1][5] = (name, value + 1)
         with pytest.raises(DivergenceError, match=rf"rank 1 \(node .*\) differs from rank 0, first in {name}"):
-            orch._compare(prints, after_step=3)
+            orch.compare(prints, after_step=3)
 
 
 def test_image_folder_data(small_cfg, tmp_path):

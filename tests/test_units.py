@@ -102,3 +102,19 @@ def test_default_weights_offline_names_file_and_cache(tmp_path, monkeypatch):
 def test_run_config_rejects_sum_loss_on_real_data():
     with pytest.raises(ConfigError):
         RunConfig(loss="sum", data="fake")
+
+
+def test_modules_and_functions_stay_small():
+    """One concern per module: none over ~400 lines, no function over ~60 (DESIGN.md, issue 9)."""
+    import ast
+    from pathlib import Path
+
+    too_big = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "distrib").glob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 420:
+            too_big.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                too_big.append(f"{path.name}: {node.name}() has {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, "; ".join(too_big)

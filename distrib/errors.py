@@ -1,0 +1,43 @@
+"""Every error type distrib raises on purpose, in one place.
+
+No module imports another for its errors, so there are no import cycles through
+them, and the CLI maps each type to an exit code at its top:
+
+    ConfigError, CheckpointError                  -> exit 2 (bad input; nothing started)
+    ReplicaError, DivergenceError, PlacementError -> exit 1 (the run failed)
+
+Every message is one line that names what went wrong and the fix.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line, naming key, value and rule."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+class ReplicaError(RuntimeError):
+    """A replica failed, died or timed out; the message names the ranks, their nodes and the step."""
+
+    def __init__(self, message: str, *, ranks: list[int], step: int | None = None):
+        super().__init__(message)
+        self.ranks = ranks
+        """World ranks to blame (the dead or stuck ones, not the peers they broke)."""
+        self.step = step
+        """Last step handed to the replicas when it failed (None outside training)."""
+
+
+class ReplicaTimeout(ReplicaError):
+    """Replicas did not finish a call within its timeout (a hang, a stall, a lost peer)."""
+
+
+class DivergenceError(RuntimeError):
+    """Replicas that must be bit-identical are not; names the rank and the first differing tensor."""
+
+
+class PlacementError(RuntimeError):
+    """The cluster could not hold all the replicas within start_timeout_s."""

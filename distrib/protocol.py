@@ -1,0 +1,62 @@
+"""What crosses between the driver and the replicas, defined once for both sides.
+
+Pure Python (no torch, no ray): the driver imports it without paying for torch,
+and the replica fills in exactly these shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+PHASES = ("data_s", "forward_s", "backward_s", "optimizer_s")
+"""Timed phases of a replica's step, in seconds, in order; backward_s includes DDP's
+all-reduce, which overlaps it."""
+
+
+class StepRecord(TypedDict):
+    """One rank's account of one step, as `run_steps` returns it (a plain dict on the wire)."""
+
+    step: int
+    loss: float
+    """This rank's loss on its shard: mean for cross_entropy, sum for the sum loss."""
+    data_s: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    comm_s: float
+    """All-reduce window: first gradient bucket sent to last one received (0 alone)."""
+
+
+Phase = Literal["setup", "idle", "data", "forward", "backward", "optimizer", "done"]
+"""Where a replica is, as its hang probe reports it."""
+
+PHASE_ORDER: tuple[Phase, ...] = ("setup", "idle", "data", "forward", "backward", "optimizer", "done")
+"""Phases in the order a replica passes them within a step: a rank earlier in this order
+at the same step is behind its peers."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """The step a replica is in and its phase there (step -1 before the first one)."""
+
+    step: int
+    phase: Phase
+
+    def progress(self) -> tuple[int, int]:
+        """Sortable: a smaller value is further behind."""
+        return self.step, PHASE_ORDER.index(self.phase)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Where one replica runs; every error about a rank names its node and pid from this."""
+
+    node: str
+    """The node's IP address as Ray sees it."""
+    node_id: str
+    host: str
+    pid: int
+    gpus: str
+    """CUDA_VISIBLE_DEVICES of the replica's process ('' on CPU)."""
+    device_name: str

@@ -1,0 +1,150 @@
+"""RunDir: everything under one run directory, and the snapshot a recovery starts from.
+
+    RUN_DIR/config.yaml     the resolved config the run goes on with (what --resume reads)
+    RUN_DIR/metrics.jsonl   one line per finished step
+    RUN_DIR/events.jsonl    one line per restart
+    RUN_DIR/summary.json    throughput and the step-time breakdown, at the end
+    RUN_DIR/checkpoints/    the newest keep_checkpoints snapshots (see checkpoint.py)
+
+The driver's loop says *when* (`checkpoint_due`, then `save`); this module says *how*:
+the snapshot is kept in memory for recovery and written to disk on a background
+thread, one write at a time, in step order. It knows no Ray and no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+from distrib import checkpoint
+from distrib.config import RunConfig, to_dict
+from distrib.errors import ConfigError
+from distrib.metrics import StepMetrics
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The replicas' state after `step` steps: the bytes a replica's `restore` takes."""
+
+    step: int
+    payload: bytes
+
+
+class RunDir:
+    """One run's directory; make one with `create` or `resume`, and `close` it.
+
+    `cfg` is the run's config with `run_dir` set to this directory's path.
+    """
+
+    def __init__(self, path: Path, cfg: RunConfig, *, snapshot: Snapshot | None):
+        self.path = path
+        self.cfg = cfg.replace(run_dir=str(path))
+        self.snapshot = snapshot
+        """The newest snapshot (None before the first): where a recovery starts."""
+        self._write_config()
+        self._metrics = _MetricsLog(path / "metrics.jsonl")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending_write: Future | None = None
+
+    @classmethod
+    def create(cls, cfg: RunConfig) -> RunDir:
+        """A new run directory at cfg.run_dir (`{time}` filled in); ConfigError if it holds a run."""
+        path = Path(cfg.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
+        if (path / "metrics.jsonl").exists():
+            raise ConfigError(f"run_dir: {str(path)!r} already holds a run (metrics.jsonl); "
+                              "choose another run_dir, remove it, or resume it with --resume")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path, cfg, snapshot=None)
+
+    @classmethod
+    def resume(cls, path: str | Path, cfg: RunConfig, *, say: Callable[[str], None]) -> RunDir:
+        """The run at `path`, rewound to its newest checkpoint that verifies (newer ones that do
+        not are skipped, each said); CheckpointError when none verifies or `cfg` changes the maths.
+        config.yaml is rewritten with `cfg`, so what --set changed holds for the next resume."""
+        path = Path(path)
+        ckpt, skipped = checkpoint.newest_valid(path)
+        for reason in skipped:
+            say(f"skipping a checkpoint: {reason}")
+        checkpoint.check_compatible(ckpt, cfg.replace(run_dir=str(path)))
+        run = cls(path, cfg, snapshot=Snapshot(ckpt.step, ckpt.payload))
+        run.rewind(ckpt.step)
+        say(f"resuming {path} at step {ckpt.step} from {ckpt.path.name}")
+        return run
+
+    def _write_config(self) -> None:
+        tmp = self.path / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        tmp.replace(self.path / "config.yaml")
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint_due(self, steps_done: int) -> bool:
+        """Whether the run takes a snapshot once `steps_done` steps are finished."""
+        every = self.cfg.checkpoint_every
+        return bool(every) and steps_done % every == 0
+
+    def save(self, step: int, payload: bytes) -> None:
+        """Keep the snapshot for recovery and write it to RUN_DIR/checkpoints on the background
+        thread (hashing and fsync take ~1 s for resnet18), so the driver goes on feeding the
+        replicas meanwhile. Waits for the previous write first: one at a time, in step order."""
+        self.snapshot = Snapshot(step, payload)
+        self.flush()
+        self._pending_write = self._writer.submit(checkpoint.write, self.path, step=step, cfg=self.cfg,
+                                                  payload=payload, keep=self.cfg.keep_checkpoints)
+
+    def flush(self) -> None:
+        """Wait for the checkpoint being written, raising its error if it failed."""
+        if self._pending_write is not None:
+            pending, self._pending_write = self._pending_write, None
+            pending.result()
+
+    # ---- records -----------------------------------------------------------------------------
+    def write_metrics(self, metrics: StepMetrics) -> None:
+        self._metrics.write(metrics)
+
+    def rewind(self, step: int) -> None:
+        """Forget the metrics of steps from `step` on: they are about to be run again."""
+        self._metrics.truncate(step)
+
+    def record_event(self, event: dict) -> None:
+        """Append one line to RUN_DIR/events.jsonl (a restart: ranks, nodes, step, cause, times)."""
+        with (self.path / "events.jsonl").open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def write_summary(self, summary: dict) -> None:
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        """Finish the checkpoint being written (never cut short) and close the metrics file."""
+        self._writer.shutdown(wait=True)
+        self._metrics.close()
+
+
+class _MetricsLog:
+    """Appends one JSON line per step to RUN_DIR/metrics.jsonl, flushed per write."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: IO[str] = path.open("a")
+
+    def truncate(self, step: int) -> None:
+        """Keep only the lines of steps before `step`."""
+        self._file.close()
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self._file = self.path.open("a")
+
+    def write(self, metrics: StepMetrics) -> None:
+        self._file.write(json.dumps(asdict(metrics)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
