@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup train test bench
+.PHONY: setup train test lint bench
 setup: $(VENV)/.installed
 
 train: setup
@@ -20,6 +20,9 @@ train: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check distrib tests bench
 
 bench: setup
 	$(VENV)/bin/python bench/core_throughput.py
