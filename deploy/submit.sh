@@ -28,6 +28,9 @@ if [ "${1:-}" = "scale" ] || [ "${1:-}" = "train" ]; then
   shift
 fi
 # The upload skips what .gitignore lists (the venv, runs); these are named again to be sure.
+# `ray job stop` sends the driver SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (Ray's
+# default: 3 s, too short for a checkpoint); 60 s covers the driver's stop_grace_s (20 s).
 exec ray job submit --address "$address" --working-dir "$repo" \
-  --runtime-env-json '{"excludes": [".venv", "runs", ".device-wheels", ".git"]}' \
+  --runtime-env-json '{"excludes": [".venv", "runs", ".device-wheels", ".git"],
+                       "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}}' \
   -- python -m distrib "$command" "$@"

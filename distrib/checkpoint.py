@@ -26,7 +26,7 @@ MAGIC = b"distrib-checkpoint v1\n"
 RESUMABLE_KEYS = frozenset({
     "steps", "check_every", "checkpoint_every", "keep_checkpoints", "max_restarts", "steps_per_call",
     "calls_in_flight", "start_timeout_s", "step_timeout_s", "hang_timeout_factor", "hang_timeout_min_s",
-    "placement_strategy", "loader_workers", "faults", "run_dir",
+    "placement_strategy", "loader_workers", "faults", "run_dir", "stop_grace_s",
 })
 
 
@@ -41,6 +41,11 @@ class Checkpoint:
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def on_disk(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, oldest first (each complete: files appear by atomic rename)."""
+    return sorted(checkpoint_dir(run_dir).glob("step-*.ckpt"))
 
 
 def write(run_dir: Path, *, step: int, cfg: RunConfig, payload: bytes, keep: int) -> Path:
@@ -63,7 +68,7 @@ def write(run_dir: Path, *, step: int, cfg: RunConfig, payload: bytes, keep: int
         os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
     finally:
         os.close(dir_fd)
-    for old in sorted(folder.glob("step-*.ckpt"))[:-keep]:
+    for old in on_disk(run_dir)[:-keep]:
         old.unlink()
     return path
 
@@ -88,7 +93,7 @@ def read(path: Path) -> Checkpoint:
 def newest_valid(run_dir: Path) -> tuple[Checkpoint, list[str]]:
     """The newest checkpoint that verifies, and one line per newer one skipped (and why)."""
     skipped = []
-    for path in sorted(checkpoint_dir(run_dir).glob("step-*.ckpt"), reverse=True):
+    for path in reversed(on_disk(run_dir)):
         try:
             return read(path), skipped
         except CheckpointError as err:

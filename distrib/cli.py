@@ -1,20 +1,24 @@
 """`distrib train | scale | seed-step | check`: the command line, over the same code as the Python API.
 
 Exit codes: 0 done; 1 the run failed (a replica died, hung or diverged); 2 bad
-input (the message names the key, the value and the fix); 130 interrupted.
+input (the message names the key, the value and the fix); 143 stopped by SIGTERM and
+130 by SIGINT (Ctrl-C), in both cases with a checkpoint at the step reached unless a
+second signal or stop_grace_s cut the stop short.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 import yaml
 
 from distrib import config
-from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError
+from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError, StoppedAtOnce
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +55,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StopSignals:
+    """SIGTERM and SIGINT during `distrib train` go to Orchestrator.request_stop: the first
+    stops at the next step boundary with a checkpoint; a second one, or one before training
+    began, stops at once. Installed after Ray's start-up, so Ray's own handler (whose crash
+    dump would reach the terminal) no longer sees an orderly SIGTERM."""
+
+    def __init__(self):
+        self.orch = None
+        self.graceful = False
+        """Whether a signal asked for a graceful stop (so a StoppedAtOnce came from a second one)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.orch is None:  # no Ray call in flight yet: raising here is safe
+            raise StoppedAtOnce(name)
+        if not self.orch.request_stop(name):
+            return
+        self.graceful = True
+        # os.write, not print: a handler that prints while the bar is printing gets a reentrant-call error
+        os.write(sys.stderr.fileno(), f"distrib: {name}: stopping at the next step boundary with a checkpoint; "
+                                      "send it again to stop at once\n".encode())
+
+
+def _exit_code(signal_name: str) -> int:
+    return 128 + signal.Signals[signal_name].value
+
+
 def _train(args: argparse.Namespace) -> int:
     from distrib.driver import Orchestrator
     from distrib.group import connect_ray
@@ -65,15 +98,52 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config, args.overrides)
     connect_ray(args.address)
-    with Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume) as orch:
-        try:
-            orch.train()
-        except KeyboardInterrupt:
-            print(f"distrib: interrupted after step {orch.step_count - 1}; metrics so far are in "
-                  f"{orch.run_dir}", file=sys.stderr)
-            return 130
+    stop = _StopSignals()
+    orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)
+    stop.orch = orch
+    failure = None
+    try:
+        with orch:
+            try:
+                orch.train()
+            except ReplicaError as err:
+                if orch.stopped_by is None:
+                    raise
+                failure = err  # the stop could not finish: what is on disk stands
+    except StoppedAtOnce as err:
+        if not stop.graceful:
+            print(f"distrib: stopped by {err.signal_name} before training began; {_newest(orch)}", file=sys.stderr)
+        else:
+            print(f"distrib: stopped at once by a second {err.signal_name} after {orch.step_count} steps; "
+                  f"{_newest(orch)}", file=sys.stderr)
+        return _exit_code(err.signal_name)
+    if orch.stopped_by is None:
         print(f"run directory: {orch.run_dir}")
-    return 0
+        return 0
+    return _report_stop(orch, failure)
+
+
+def _report_stop(orch, failure: ReplicaError | None) -> int:
+    """The one line a stopped run ends with, and its exit code."""
+    newest = orch.rundir.newest_checkpoint()
+    if failure is None and newest is not None and newest.name == f"step-{orch.step_count:08d}.ckpt":
+        print(f"distrib: stopped by {orch.stopped_by} after {orch.step_count} steps; checkpoint {newest.name} "
+              f"written; resume with: distrib train --resume {orch.run_dir}", file=sys.stderr)
+    else:
+        why = f" ({failure}; stop_grace_s={orch.cfg.stop_grace_s})" if failure is not None else ""
+        print(f"distrib: stopped by {orch.stopped_by} after {orch.step_count} steps without a new checkpoint{why}; "
+              f"{_newest(orch)}", file=sys.stderr)
+    return _exit_code(orch.stopped_by)
+
+
+def _newest(orch) -> str:
+    """Where a stopped run can be resumed from, in words."""
+    if orch.rundir is None:
+        return "nothing was written"
+    newest = orch.rundir.newest_checkpoint()
+    if newest is None:
+        return f"no checkpoint yet; metrics so far are in {orch.run_dir}"
+    return f"the newest checkpoint is {newest.name}; resume with: distrib train --resume {orch.run_dir}"
 
 
 def _seed_step(args: argparse.Namespace) -> int:

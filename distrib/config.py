@@ -114,6 +114,10 @@ class RunConfig:
     """Once calls have been timed, a call that takes this many times the median is a hang."""
     hang_timeout_min_s: float = 30.0
     """Floor of the derived hang limit (steps vary: a check, a checkpoint, a slow batch)."""
+    stop_grace_s: float = 20.0
+    """On SIGTERM or SIGINT, the longest the driver waits for the steps in flight and the
+    checkpoint at their boundary; past it, the run stops with the newest checkpoint it has.
+    Keep it below the platform's own grace (Kubernetes: 30 s by default)."""
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -167,6 +171,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
     _rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
     _rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
+    _rule(cfg.stop_grace_s > 0, "stop_grace_s", cfg.stop_grace_s, "must be > 0")
     faults.parse(cfg.faults, num_workers=cfg.num_workers)
     _rule(cfg.start_timeout_s > 0, "start_timeout_s", cfg.start_timeout_s, "must be > 0")
     _rule(cfg.step_timeout_s > 0, "step_timeout_s", cfg.step_timeout_s, "must be > 0")

@@ -30,7 +30,7 @@ import ray
 
 from distrib import comm, faults
 from distrib.config import RunConfig
-from distrib.errors import DivergenceError, ReplicaError
+from distrib.errors import DivergenceError, ReplicaError, StoppedAtOnce
 from distrib.group import ReplicaGroup, cluster_gpus, connect_ray
 from distrib.metrics import StepMetrics, aggregate, format_summary, summarize
 from distrib.progress import Progress, say
@@ -82,6 +82,11 @@ class Orchestrator:
         self._weights_ref: ray.ObjectRef | None = None
         self._faults: list[faults.Fault] = []
         self._step_walls: deque[float] = deque(maxlen=TIMED_WINDOW_STEPS)
+        self._stop_deadline: float | None = None
+        self.stopped_by: str | None = None
+        """Why the run was asked to stop early (e.g. 'SIGTERM'); None while it may run on."""
+        self._abort_by: str | None = None
+        self._training = False
         self._closed = False
 
     # ---- start-up -------------------------------------------------------------------------
@@ -122,7 +127,8 @@ class Orchestrator:
     def _start_group(self) -> None:
         """A fresh group at step_count, from the newest snapshot (if any), verified identical."""
         snapshot = self.rundir.snapshot
-        self._group = ReplicaGroup(self.cfg, say=self._say)
+        self._group = ReplicaGroup(self.cfg, say=self._say, check_abort=self._check_abort,
+                                   wait_deadline=lambda: self._stop_deadline)
         self._group.start(weights=self._weights_ref, snapshot=ray.put(snapshot.payload) if snapshot else None,
                           first_step=self.step_count,
                           faults=[f for f in self._faults if f.step >= self.step_count])
@@ -143,6 +149,40 @@ class Orchestrator:
         """The run's directory (None before start)."""
         return self.rundir.path if self.rundir is not None else None
 
+    # ---- stopping early -----------------------------------------------------------------
+    def request_stop(self, reason: str) -> bool:
+        """Ask `train` to stop at the next step boundary: queue no more steps, finish the calls in
+        flight, check the replicas and write a checkpoint there, then return. All of that must fit
+        in cfg.stop_grace_s; past it, `train` raises the ReplicaTimeout of the wait it was in.
+
+        A second request, or one before training began, abandons whatever the driver waits on
+        within half a second: it raises StoppedAtOnce there. Returns whether this request stops
+        gracefully. Safe to call from a signal handler (it only sets flags) or another thread."""
+        if self.stopped_by is None:
+            self.stopped_by = reason
+            self._stop_deadline = time.monotonic() + self.cfg.stop_grace_s
+            if self._training:
+                return True
+        self._abort_by = reason
+        return False
+
+    def _check_abort(self) -> None:
+        if self._abort_by is not None:
+            raise StoppedAtOnce(self._abort_by)
+
+    def _checkpoint_now(self, *, wait_for_disk: bool) -> None:
+        """Check the replicas and save a snapshot at step_count, unless one is there already."""
+        snapshot = self.rundir.snapshot
+        if self.step_count == 0 or (snapshot is not None and snapshot.step == self.step_count):
+            return
+        what = f"the checkpoint after step {self.step_count - 1}"
+        prints = self._group.call("fingerprint")
+        payload_ref = self._group.replicas[0].snapshot.remote()
+        self.compare(self._group.wait(prints, what, self._call_timeout(1)), after_step=self.step_count - 1)
+        self.rundir.save(self.step_count, self._group.wait([payload_ref], what, self._call_timeout(1))[0])
+        if wait_for_disk:
+            self.rundir.flush()
+
     # ---- training --------------------------------------------------------------------------
     def step(self) -> StepMetrics:
         """Run one lockstep step on every replica and return its metrics."""
@@ -154,6 +194,8 @@ class Orchestrator:
         Keeps cfg.calls_in_flight calls queued on every replica so none waits on the
         driver; compares fingerprints every cfg.check_every steps and at cfg.steps;
         snapshots every cfg.checkpoint_every steps; recovers from lost or hung replicas.
+        Ends early, with a checkpoint at the step reached, after `request_stop`; moves off
+        a node that Ray drains (a preemption notice) the same way, with no step redone.
         """
         cfg = self.cfg
         end = cfg.steps if num_steps is None else self.step_count + num_steps
@@ -161,15 +203,26 @@ class Orchestrator:
             raise ValueError(f"{num_steps} more steps would pass steps={cfg.steps}; raise steps in the config")
         start_step = self.step_count
         progress = Progress(total_steps=cfg.steps, steps_done=self.step_count, end_step=end, enabled=self.progress)
+        self._training = True
         try:
+            self._check_abort()
             while True:
                 try:
                     self._run_until(end, progress)
+                    if self.stopped_by is not None:
+                        self._checkpoint_now(wait_for_disk=True)
+                    elif self.step_count < end:  # left off early for a node being drained
+                        self._leave_draining_nodes()
+                        progress.rewind(self.step_count)
+                        continue
                     break
                 except ReplicaError as err:
+                    if self.stopped_by is not None:  # no recovery while stopping: stop with what is on disk
+                        raise
                     self._recover(err)
                     progress.rewind(self.step_count)
         finally:
+            self._training = False
             progress.close()
         self.rundir.flush()
         if self.step_count == cfg.steps:
@@ -182,8 +235,10 @@ class Orchestrator:
         next_step = self.step_count
         last_done = time.perf_counter()
         while next_step < end or queue:
-            while next_step < end and len(queue) < self.cfg.calls_in_flight:
+            while next_step < end and len(queue) < self.cfg.calls_in_flight and not self._leaving():
                 next_step = self._queue(queue, next_step, end)
+            if not queue:
+                return
             call = queue.popleft()
             # step=: the last step handed out, which is what a failure may have reached.
             if call.kind == "steps":
@@ -241,9 +296,14 @@ class Orchestrator:
             payload = self._group.wait([call.snapshot_ref], what, timeout_s, step=queued_to)[0]
             self.rundir.save(call.first_step, payload)
 
+    def _leaving(self) -> bool:
+        """Whether to queue no more steps: a stop was asked for, or a replica's node is being drained."""
+        return self.stopped_by is not None or bool(self._group.draining_ranks())
+
     def _call_timeout(self, num_steps: int) -> float:
         """step_timeout_s until MIN_TIMED_CALLS calls are timed; then hang_timeout_factor x
-        the median step, floored at hang_timeout_min_s and capped at step_timeout_s."""
+        the median step, floored at hang_timeout_min_s and capped at step_timeout_s. (While
+        stopping, the group also stops every wait at the stop's deadline.)"""
         cfg = self.cfg
         if len(self._step_walls) < MIN_TIMED_CALLS:
             return cfg.step_timeout_s
@@ -251,6 +311,17 @@ class Orchestrator:
         return min(cfg.step_timeout_s, max(cfg.hang_timeout_min_s, derived))
 
     # ---- recovery --------------------------------------------------------------------------
+    def _leave_draining_nodes(self) -> None:
+        """Snapshot at the step boundary reached, then move the group off the nodes Ray is
+        draining (a preemption notice) before they go: a restart from that snapshot, so no
+        step is redone."""
+        ranks = self._group.draining_ranks()
+        self._checkpoint_now(wait_for_disk=False)
+        deadlines = [d for d in ranks.values() if d]
+        notice = f", {min(deadlines) / 1e3 - time.time():.0f} s before its deadline" if deadlines else ""
+        self._recover(ReplicaError(f"{self._group.name(sorted(ranks))}: node being drained by Ray (a preemption "
+                                   f"notice){notice}", ranks=sorted(ranks), step=self.step_count - 1))
+
     def _recover(self, err: ReplicaError) -> None:
         """Replace the whole group and go back to the newest snapshot (or step 0), or give up."""
         cfg = self.cfg

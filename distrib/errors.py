@@ -5,6 +5,7 @@ them, and the CLI maps each type to an exit code at its top:
 
     ConfigError, CheckpointError                  -> exit 2 (bad input; nothing started)
     ReplicaError, DivergenceError, PlacementError -> exit 1 (the run failed)
+    StoppedAtOnce                                 -> exit 128 + the signal's number
 
 Every message is one line that names what went wrong and the fix.
 """
@@ -41,3 +42,13 @@ class DivergenceError(RuntimeError):
 
 class PlacementError(RuntimeError):
     """The cluster could not hold all the replicas within start_timeout_s."""
+
+
+class StoppedAtOnce(BaseException):
+    """A stop signal that ends the run at once, without a checkpoint at the step reached: a
+    second signal, or one before training began. A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -38,6 +39,12 @@ DEAD_PEER_GRACE_S = 2.0
 """When a rank's collective fails, how long to look for a peer that died (the real cause)."""
 PROBE_TIMEOUT_S = 3.0
 """How long a replica has to answer a position probe before it is called frozen or gone."""
+WAIT_SLICE_S = 0.5
+"""Waits on replicas are cut into slices this long, and `check_abort` runs between them: a
+signal handler must not raise inside ray.wait (Ray turns that into a SystemError), so it
+only sets a flag, which takes effect within a slice."""
+DRAIN_POLL_S = 1.0
+"""How often the group asks Ray which nodes are being drained (a preemption notice)."""
 
 
 def connect_ray(address: str | None = None) -> bool:
@@ -58,18 +65,34 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0)
 
 
+def draining_nodes() -> dict[str, int]:
+    """Nodes Ray is draining (preemption, scale-down): node id (hex) -> deadline in ms since the
+    epoch, 0 for none. Ray 2.60 has no public API for it; Ray Train v2 reads this same one."""
+    return ray._private.state.state.get_draining_nodes() or {}
+
+
 class ReplicaGroup:
     """One placement group of Replica actors, rank i in bundle i; start once, stop once.
 
     A recovery replaces the whole object. `stop` is idempotent and safe after a failed `start`.
     """
 
-    def __init__(self, cfg: RunConfig, *, say: Callable[[str], None]):
+    def __init__(self, cfg: RunConfig, *, say: Callable[[str], None],
+                 check_abort: Callable[[], None] = lambda: None,
+                 wait_deadline: Callable[[], float | None] = lambda: None):
+        """`say` prints a message (waiting for resources); `check_abort` runs between the slices
+        of every wait and may raise to abandon it (a second stop signal); `wait_deadline` gives a
+        time.monotonic() past which no wait goes, or None (a stop's grace, which may begin while
+        a wait is under way)."""
         self.cfg = cfg
         self._say = say
+        self._check_abort = check_abort
+        self._wait_deadline = wait_deadline
         self._placement = None
         self._replicas: list = []
         self._nodes: list[NodeInfo] = []
+        self._draining: dict[str, int] = {}
+        self._stopped = threading.Event()
 
     @property
     def replicas(self) -> list:
@@ -106,6 +129,25 @@ class ReplicaGroup:
                   "process-group set-up", cfg.start_timeout_s)
         log.info("%d replicas on %s, %s/%s", cfg.num_workers, sorted({n.node for n in self._nodes}),
                  cfg.device, cfg.backend)
+        threading.Thread(target=self._watch_drains, name="drain-watch", daemon=True).start()
+
+    def _watch_drains(self) -> None:
+        """Poll Ray for drained nodes of this group until it stops (a thread: no cost to the loop)."""
+        node_ids = {n.node_id for n in self._nodes}
+        while not self._stopped.wait(DRAIN_POLL_S):
+            try:
+                drained = draining_nodes()
+            except Exception as err:  # a GCS hiccup: try again at the next poll
+                log.debug("drain poll failed: %s", err)
+                continue
+            self._draining = {node: deadline for node, deadline in drained.items() if node in node_ids}
+
+    def draining_ranks(self) -> dict[int, int]:
+        """Ranks on nodes that Ray is draining -> the drain's deadline (ms since the epoch, 0: none)."""
+        draining = self._draining
+        if not draining:
+            return {}
+        return {rank: draining[n.node_id] for rank, n in enumerate(self._nodes) if n.node_id in draining}
 
     def _bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cfg.cpus_per_worker}
@@ -119,7 +161,12 @@ class ReplicaGroup:
         self._placement = placement_group([bundle] * cfg.num_workers, strategy=cfg.placement_strategy)
         deadline = time.monotonic() + cfg.start_timeout_s
         ready = self._placement.ready()
-        while not ray.wait([ready], timeout=min(PLACEMENT_POLL_S, max(0.0, deadline - time.monotonic())))[0]:
+        polled = time.monotonic()
+        while not ray.wait([ready], timeout=min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
+            self._check_abort()
+            if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
+                continue
+            polled = time.monotonic()
             want = f"{cfg.num_workers} x {bundle} ({cfg.placement_strategy})"
             have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             if time.monotonic() >= deadline:
@@ -150,12 +197,18 @@ class ReplicaGroup:
         """
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list = [None] * len(refs)
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            cap = self._wait_deadline()
+            remaining_s = min(started + timeout_s, cap if cap is not None else float("inf")) - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(WAIT_SLICE_S, remaining_s)))
+            self._check_abort()
+            if not ready and remaining_s > WAIT_SLICE_S:
+                continue
             if not ready:
                 ranks = sorted(pending.values())
-                raise ReplicaTimeout(f"{what} did not finish within {timeout_s:.1f} s: {self.diagnose(ranks)}",
+                waited_s = time.monotonic() - started
+                raise ReplicaTimeout(f"{what} did not finish within {waited_s:.1f} s: {self.diagnose(ranks)}",
                                      ranks=ranks, step=step)
             rank = pending.pop(ready[0])
             try:
@@ -217,6 +270,7 @@ class ReplicaGroup:
 
         Killing, not a polite leave of the process group: after a failure a peer may be
         stuck inside a collective, and a polite leave would wait for it."""
+        self._stopped.set()
         for replica in self._replicas:
             try:
                 ray.kill(replica, no_restart=True)

@@ -98,6 +98,11 @@ class RunDir:
         self._pending_write = self._writer.submit(checkpoint.write, self.path, step=step, cfg=self.cfg,
                                                   payload=payload, keep=self.cfg.keep_checkpoints)
 
+    def newest_checkpoint(self) -> Path | None:
+        """The newest checkpoint file written so far (None before the first)."""
+        files = checkpoint.on_disk(self.path)
+        return files[-1] if files else None
+
     def flush(self) -> None:
         """Wait for the checkpoint being written, raising its error if it failed."""
         if self._pending_write is not None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_dockerfile_lints_clean():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_cluster():
     """deploy/local-cluster.sh: a head and two 1-CPU worker nodes on this machine, stopped afterwards."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -123,3 +124,34 @@ def test_job_submission_to_a_local_multi_node_cluster(local_cluster, tmp_path):
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
     assert json.loads((run_dir / "summary.json").read_text())["num_workers"] == 2
+
+
+def test_ray_job_stop_saves_the_run(local_cluster, tmp_path):
+    """`ray job stop` sends SIGTERM: the driver checkpoints at the step reached and ends cleanly."""
+    env = {**local_cluster, "RAY_ADDRESS": "http://127.0.0.1:8291"}
+    run_dir = tmp_path / "job-run"
+    submit = subprocess.Popen(
+        [str(REPO / "deploy" / "submit.sh"), "--config", "configs/local.yaml", "--set", "steps=200",
+         "--set", "image_size=32", "--set", "batch_size_per_worker=8", "--set", "placement_strategy=SPREAD",
+         "--set", f"run_dir={run_dir}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and submit.poll() is None, "the job never reached step 3"
+            time.sleep(0.2)
+        listed = subprocess.run(["ray", "job", "list"], env=env, capture_output=True, text=True, timeout=60)
+        running = [job for job in listed.stdout.split("JobDetails(") if "RUNNING" in job]
+        (job_id,) = [re.search(r"submission_id='(raysubmit_\w+)'", job)[1] for job in running]
+        stopped = subprocess.run(["ray", "job", "stop", job_id], env=env, capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        output, _ = submit.communicate(timeout=120)
+    finally:
+        submit.kill()
+    match = re.search(r"distrib: stopped by SIGTERM after (\d+) steps; checkpoint (step-\d+\.ckpt) written", output)
+    assert match, output[-3000:]
+    done = int(match[1])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == match[2]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(done))
+    assert "SIGTERM received" not in output  # no crash dump from Ray for an orderly stop

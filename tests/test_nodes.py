@@ -7,6 +7,7 @@ a clear error within start_timeout_s, and the checkpoint on disk stays loadable.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -77,6 +78,43 @@ def test_lost_node_recovers_when_capacity_returns(cluster, tmp_path):
         recovered = flat_state(orch.state())
     assert orch.restarts == 1
     assert_bit_identical(recovered, uninterrupted)
+
+
+def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tmp_path):
+    """A preemption notice through Ray's drain API: the driver snapshots at the next step
+    boundary and moves to a spare node before the node goes; then the node is removed."""
+    from ray.core.generated import autoscaler_pb2
+
+    with Orchestrator(node_cfg(tmp_path / "ref"), progress=False) as orch:
+        orch.train()
+        uninterrupted = flat_state(orch.state())
+    spare = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    run_dir = tmp_path / "run"
+    with Orchestrator(node_cfg(run_dir, checkpoint_every=100), progress=False) as orch:
+        training = Training(orch)
+        training.start()
+        deadline = time.monotonic() + 120
+        while orch.step_count < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        drained_id = orch.nodes[1].node_id
+        accepted, why = ray._raylet.GcsClient(address=cluster.address).drain_node(
+            drained_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "test: spot notice",
+            int(time.time() * 1000) + 60_000)
+        assert accepted, why
+        training.join(timeout=180)
+        assert training.error is None, training.error
+        recovered = flat_state(orch.state())
+        assert drained_id not in {n.node_id for n in orch.nodes}
+    (node,) = [n for n in cluster.worker_nodes if n.node_id == drained_id]
+    cluster.remove_node(node, allow_graceful=False)  # as the cloud would, at the deadline
+    assert spare in cluster.worker_nodes
+    assert_bit_identical(recovered, uninterrupted)
+    (event,) = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "node being drained by Ray (a preemption notice)" in event["cause"] and event["ranks"] == [1]
+    assert event["restored_step"] == event["step"] + 1  # the snapshot was taken at the step reached
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8))  # each step once: nothing redone
 
 
 def test_lost_node_without_capacity_ends_clearly(cluster, tmp_path):

@@ -1,0 +1,126 @@
+"""Graceful stop with real Ray and gloo: SIGTERM and SIGINT save the run at the next step
+boundary, and a second signal or stop_grace_s stops at once. (A node drained for a
+preemption is in test_nodes.py; `ray job stop` in test_deploy.py.)
+
+The CLI runs as a subprocess joined to this module's Ray instance (so no local Ray
+start per run), and is signalled as `kill`, `ray job stop` or Kubernetes would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from distrib import Orchestrator, RunConfig, checkpoint, config
+from tests.conftest import assert_bit_identical, flat_state
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def stop_cfg(run_dir: Path, **changes) -> RunConfig:
+    """Steps long enough (40) that a signal sent after a few of them lands mid-run."""
+    return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
+                     steps=40, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0,
+                     run_dir=str(run_dir)).replace(**changes)
+
+
+def start_cli(cfg: RunConfig, tmp_path: Path) -> subprocess.Popen:
+    """`distrib train` on cfg, joined to this module's Ray instance."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    address = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([sys.executable, "-m", "distrib", "train", "--config", str(path), "--no-progress",
+                             "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(run_dir: Path, count: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} steps after {timeout_s} s")
+
+
+def steps_in(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tmp_path_factory) -> dict:
+    with Orchestrator(stop_cfg(tmp_path_factory.mktemp("ref") / "run"), progress=False) as orch:
+        orch.train()
+        return flat_state(orch.state())
+
+
+@pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, uninterrupted, signum, exit_code):
+    run_dir = tmp_path / "run"
+    proc = start_cli(stop_cfg(run_dir), tmp_path)
+    wait_for_steps(run_dir, 6, proc)
+    signalled = time.monotonic()
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    took_s = time.monotonic() - signalled
+    assert proc.returncode == exit_code, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(rf"distrib: stopped by {signum.name} after (\d+) steps; checkpoint (step-\d+\.ckpt) "
+                         rf"written; resume with: distrib train --resume {re.escape(str(run_dir))}", last)
+    assert match, stderr[-3000:]
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr  # no crash dump for an orderly stop
+    done = int(match[1])
+    ckpt, _ = checkpoint.newest_valid(run_dir)
+    assert ckpt.step == done and ckpt.path.name == match[2]
+    assert steps_in(run_dir) == list(range(done))  # every step finished, none past the checkpoint
+    assert took_s < 30
+
+    with Orchestrator(stop_cfg(run_dir), progress=False, resume_dir=run_dir) as orch:
+        assert orch.step_count == done  # 0 steps redone
+        orch.train()
+        resumed = flat_state(orch.state())
+    assert_bit_identical(resumed, uninterrupted)
+
+
+def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path):
+    """Rank 0 hangs at step 9, so the graceful stop cannot finish; the second SIGTERM ends it."""
+    run_dir = tmp_path / "run"
+    proc = start_cli(stop_cfg(run_dir, faults="stall:0@9"), tmp_path)
+    wait_for_steps(run_dir, 9, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None  # still waiting for the stalled step
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - signalled < 10
+    assert proc.returncode == 143, stderr[-3000:]
+    assert re.search(r"distrib: stopped at once by a second SIGTERM after 9 steps; the newest checkpoint is "
+                     r"step-00000008\.ckpt; resume with: distrib train --resume ", stderr), stderr[-3000:]
+    ckpt, skipped = checkpoint.newest_valid(run_dir)
+    assert ckpt.step == 8 and not skipped
+
+
+def test_stop_grace_bounds_a_stop_that_cannot_finish(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_cli(stop_cfg(run_dir, faults="stall:1@9", stop_grace_s=2.0), tmp_path)
+    wait_for_steps(run_dir, 9, proc)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert 2.0 <= time.monotonic() - signalled < 15
+    assert proc.returncode == 143, stderr[-3000:]
+    assert re.search(r"distrib: stopped by SIGTERM after 9 steps without a new checkpoint \(.*stop_grace_s=2\.0.*\);"
+                     r" the newest checkpoint is step-00000008\.ckpt", stderr), stderr[-3000:]
+    assert checkpoint.newest_valid(run_dir)[0].step == 8
