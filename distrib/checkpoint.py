@@ -26,7 +26,8 @@ MAGIC = b"distrib-checkpoint v1\n"
 RESUMABLE_KEYS = frozenset({
     "steps", "check_every", "checkpoint_every", "keep_checkpoints", "max_restarts", "steps_per_call",
     "calls_in_flight", "start_timeout_s", "step_timeout_s", "hang_timeout_factor", "hang_timeout_min_s",
-    "placement_strategy", "loader_workers", "faults", "run_dir", "stop_grace_s",
+    "placement_strategy", "loader_workers", "faults", "run_dir", "stop_grace_s", "eval_every", "eval_size",
+    "val_dir",
 })
 
 
@@ -104,10 +105,13 @@ def newest_valid(run_dir: Path) -> tuple[Checkpoint, list[str]]:
 
 
 def check_compatible(checkpoint: Checkpoint, cfg: RunConfig) -> None:
-    """CheckpointError naming the first key (outside RESUMABLE_KEYS) that differs."""
+    """CheckpointError naming the first key (outside RESUMABLE_KEYS; steps too under a cosine
+    schedule) that differs."""
     current = to_dict(cfg)
     for key, value in checkpoint.config.items():
-        if key not in RESUMABLE_KEYS and current.get(key) != value:
+        # A cosine schedule decays to 0 at `steps`: changing it changes every later step's rate.
+        fixed = key == "steps" and cfg.lr_schedule == "cosine"
+        if (key not in RESUMABLE_KEYS or fixed) and current.get(key) != value:
             raise CheckpointError(f"{checkpoint.path} is from a different run: {key} is {value!r} there, "
                                   f"{current.get(key)!r} here; resume with the same {key}")
     if checkpoint.step > cfg.steps:

@@ -1,4 +1,4 @@
-"""`distrib train | scale | seed-step | check`: the command line, over the same code as the Python API.
+"""`distrib train | scale | seed-step | check | export | evaluate`: the command line, over the Python API.
 
 Exit codes: 0 done; 1 the run failed (a replica died, hung or diverged); 2 bad
 input (the message names the key, the value and the fix); 143 stopped by SIGTERM and
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from distrib import config
+from distrib import config, folders
 from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError, StoppedAtOnce
 
 
@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config and print it with defaults filled in")
     add_config_args(check)
+
+    export = commands.add_parser("export", help="write a run's newest weights as a plain torchvision resnet18")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", help="where to write the state_dict (default RUN_DIR/model.pth); "
+                                      "its metadata goes beside it, ending in .json")
+
+    evaluate = commands.add_parser("evaluate", help="loss, top-1 and top-5 of a model on an ImageFolder")
+    evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL", help="a run directory, or a .pth from export")
+    evaluate.add_argument("--data", required=True, help="ImageFolder root with the model's classes")
+    evaluate.add_argument("--batch-size", type=int, default=64)
     return parser
 
 
@@ -97,6 +107,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config.load(saved, args.overrides)
     else:
         cfg = config.load(args.config, args.overrides)
+    folders.check(cfg)  # before Ray starts: a bad folder is a one-line error in a second
     connect_ray(args.address)
     stop = _StopSignals()
     orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)
@@ -175,7 +186,24 @@ def _scale(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
+    folders.check(cfg)
     print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from distrib.export import export
+
+    out = export(args.run_dir, args.out)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from distrib.export import evaluate_folder
+
+    result = evaluate_folder(args.model, args.data, batch_size=args.batch_size)
+    print(f"{result.count} images: loss {result.loss:.4f}, top-1 {result.top1:.4f}, top-5 {result.top5:.4f}")
     return 0
 
 
@@ -183,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"train": _train, "seed-step": _seed_step, "scale": _scale, "check": _check}[args.command](args)
+        commands = {"train": _train, "seed-step": _seed_step, "scale": _scale, "check": _check, "export": _export,
+                    "evaluate": _evaluate}
+        return commands[args.command](args)
     except (ConfigError, CheckpointError) as err:
         print(f"distrib: error: {err}", file=sys.stderr)
         return 2

@@ -44,7 +44,21 @@ class RunConfig:
     steps: int = 60
     """Optimizer steps to run."""
     lr: float = 0.01
-    """SGD learning rate."""
+    """SGD learning rate (the peak of the schedule; see lr_scaling)."""
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    """After warm-up: `constant`; `step` multiplies by lr_gamma at each of lr_milestones;
+    `cosine` decays to 0 at the last step."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr / warmup_steps to lr (Goyal et al. 2017); 0 = none."""
+    lr_milestones: tuple[int, ...] = ()
+    """Steps at which lr_schedule: step multiplies the learning rate by lr_gamma, increasing."""
+    lr_gamma: float = 0.1
+    """Factor of lr_schedule: step at each milestone."""
+    lr_scaling: Literal["none", "linear"] = "none"
+    """`linear`: the linear scaling rule, lr x global batch / base_batch_size, so the
+    learning rate follows num_workers; `none`: lr as given."""
+    base_batch_size: int = 256
+    """The global batch size at which lr applies as given, under lr_scaling: linear."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 0.0
@@ -66,6 +80,20 @@ class RunConfig:
     `folder`: torchvision ImageFolder at data_dir."""
     data_dir: str = ""
     """Root of the ImageFolder tree (one sub-folder per class); only for data: folder."""
+    augment: Literal["standard", "none"] = "standard"
+    """Folder data only: `standard` trains on random-resized crops with horizontal flips, each
+    seeded by (seed, sample position); `none` resizes and centre-crops, as evaluation does."""
+    val_dir: str = ""
+    """An ImageFolder of held-out images with the same classes as data_dir; `` = none."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of each class of data_dir (a seeded split) for evaluation;
+    0 = none. Not with val_dir."""
+    eval_every: int = 0
+    """Evaluate loss, top-1 and top-5 on the held-out set every this many steps and at the
+    end; 0 = never. Synthetic and fake data get a held-out set of eval_size images."""
+    eval_size: int = 1024
+    """Held-out images for data: synthetic and fake, made like the training data from a
+    stream training never reaches."""
     dataset_size: int = 10_000
     """Number of FakeData samples; only for data: fake."""
     loader_workers: int = 2
@@ -145,6 +173,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.num_classes >= 1, "num_classes", cfg.num_classes, "must be >= 1")
     _rule(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
     _rule(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    _check_schedule(cfg)
     _rule(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "must be in [0, 1)")
     _rule(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
     _rule(not cfg.nesterov or cfg.momentum > 0, "nesterov", cfg.nesterov, "needs momentum > 0")
@@ -156,6 +185,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.data != "folder" or Path(cfg.data_dir).is_dir(), "data_dir", cfg.data_dir,
           "no such directory; point it at an ImageFolder root (one sub-folder per class)")
     _rule(cfg.dataset_size >= 1, "dataset_size", cfg.dataset_size, "must be >= 1")
+    _check_evaluation(cfg)
     _rule(cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers, "must be >= 0")
     weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))
     _rule(weights_ok, "weights", cfg.weights, "must be none, DEFAULT or a path to a .pth/.pt file")
@@ -181,6 +211,36 @@ def _check_ranges(cfg: RunConfig) -> None:
           "fp16 autocast needs device: cuda; use fp32 or bf16 on cpu")
 
 
+def _check_schedule(cfg: RunConfig) -> None:
+    _rule(0 <= cfg.warmup_steps < cfg.steps, "warmup_steps", cfg.warmup_steps,
+          f"must be >= 0 and shorter than the run (steps={cfg.steps})")
+    milestones = cfg.lr_milestones
+    _rule(not milestones or cfg.lr_schedule == "step", "lr_milestones", list(milestones),
+          "only lr_schedule: step uses milestones; set lr_schedule: step or drop them")
+    _rule(cfg.lr_schedule != "step" or bool(milestones), "lr_milestones", list(milestones),
+          "lr_schedule: step needs at least one milestone, e.g. [30, 60]")
+    _rule(all(a < b for a, b in zip(milestones, milestones[1:])), "lr_milestones", list(milestones),
+          "must be in increasing order")
+    _rule(all(0 < m < cfg.steps for m in milestones), "lr_milestones", list(milestones),
+          f"each must be a step inside the run (0 < milestone < steps={cfg.steps})")
+    _rule(0 < cfg.lr_gamma <= 1, "lr_gamma", cfg.lr_gamma, "must be in (0, 1]")
+    _rule(cfg.base_batch_size >= 1, "base_batch_size", cfg.base_batch_size, "must be >= 1")
+
+
+def _check_evaluation(cfg: RunConfig) -> None:
+    _rule(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = never)")
+    _rule(cfg.eval_size >= 1, "eval_size", cfg.eval_size, "must be >= 1")
+    _rule(not cfg.eval_every or cfg.loss == "cross_entropy", "eval_every", cfg.eval_every,
+          "evaluation needs class targets: use loss: cross_entropy")
+    _rule(0 <= cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "must be in (0, 1), or 0 for none")
+    _rule(not (cfg.val_fraction and cfg.val_dir), "val_fraction", cfg.val_fraction,
+          "val_dir is set too; hold out a fraction of data_dir or use val_dir, not both")
+    _rule(cfg.data == "folder" or not (cfg.val_fraction or cfg.val_dir), "data", cfg.data,
+          "val_dir and val_fraction are for data: folder; synthetic and fake data make their own held-out set")
+    _rule(cfg.data != "folder" or not cfg.eval_every or bool(cfg.val_fraction or cfg.val_dir), "eval_every",
+          cfg.eval_every, "data: folder needs a held-out set to evaluate: set val_dir or val_fraction")
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _HINTS = typing.get_type_hints(RunConfig)
 
@@ -198,6 +258,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key}: {value!r} is invalid: must be {hint}")
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a YAML list
+        _rule(isinstance(value, (list, tuple)), key, value, "must be a list, e.g. [30, 60]")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(key, v, item) for v in value)
     if hint is bool:
         _rule(isinstance(value, bool), key, value, "must be true or false")
     elif hint is int:
@@ -227,7 +291,8 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain values (tuples as lists), as YAML and JSON hold them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

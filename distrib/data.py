@@ -12,10 +12,19 @@ global batch, and a resumed run equal to an uninterrupted one.
 - fake / folder: position p = step * G + j of the sample stream maps to
   index perm_e[p % n] of the dataset, where perm_e is a permutation seeded by
   (seed, epoch e = p // n). Each rank loads only its own rows.
+- augmentation (folder data, `augment: standard`): the random-resized crop and flip of
+  the sample at position p draw from torch's RNG seeded with `sample_seed(seed, p)`,
+  so a sample is augmented the same way whatever the rank, loader worker or restart.
+  This is the contract any other input pipeline must keep.
+- held-out set: val_dir, or the val_fraction of each class of data_dir (a split
+  seeded by `seed`), or for synthetic and fake data eval_size samples from a stream
+  training never reaches. Rank r of W evaluates the r-th of W contiguous slices.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +32,7 @@ import torchvision
 from torchvision.transforms import v2
 
 from distrib.config import RunConfig
+from distrib.folders import held_out_count
 
 # ImageNet's channel statistics, which torchvision's pretrained resnet18 expects.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +42,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def step_seed(seed: int, step: int) -> int:
     """One generator seed per (seed, step); injective for seed < 2**31 and step < 2**32."""
     return seed * 2**32 + step
+
+
+HELD_OUT_STREAM = 2**31
+"""Synthetic held-out sample i is drawn like training step HELD_OUT_STREAM + i (runs stay below)."""
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """The augmentation seed of the sample at `position` of the stream (position = step x G + j)."""
+    return (seed * 2**40 + position) % 2**63
 
 
 def synthetic_global_batch(*, seed: int, step: int, global_batch_size: int, image_size: int,
@@ -73,28 +92,97 @@ def dataset_indices(positions: range, *, seed: int, dataset_size: int) -> list[i
     return indices
 
 
-def build_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
-    """The map-style dataset for data: fake | folder, yielding (image tensor, class index)."""
+def eval_transform(image_size: int, *, normalize: bool = True) -> v2.Transform:
+    """Evaluation (and augment: none): resize the short side to 256/224 of the crop, centre-crop."""
+    steps = [v2.PILToTensor(), v2.Resize(image_size * 256 // 224, antialias=True), v2.CenterCrop(image_size),
+             v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps + ([v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else []))
+
+
+def train_transform(image_size: int) -> v2.Transform:
+    """The standard training recipe: random-resized crop (scale 0.08-1), horizontal flip."""
+    return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _fake(cfg: RunConfig, *, size: int, offset: int) -> torchvision.datasets.FakeData:
+    return torchvision.datasets.FakeData(
+        size=size, image_size=(3, cfg.image_size, cfg.image_size), num_classes=cfg.num_classes,
+        transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]), random_offset=offset)
+
+
+def split_held_out(targets: list[int], *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) indices: held_out_count of each class's indices, chosen by a
+    permutation seeded by (seed, class), so every replica and every run splits alike."""
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    train, held_out = [], []
+    for target, indices in sorted(by_class.items()):
+        shuffled = list(indices)
+        random.Random(seed * 100_003 + target).shuffle(shuffled)
+        count = held_out_count(len(indices), fraction)
+        held_out += shuffled[:count]
+        train += shuffled[count:]
+    return sorted(train), sorted(held_out)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Items are (index, position): the dataset's image `index`, transformed with torch's RNG
+    seeded by (seed, position) when `seeded`, so augmentation depends on nothing else."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, transform, *, seed: int, seeded: bool):
+        self._dataset, self._transform, self._seed, self._seeded = dataset, transform, seed, seeded
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, position = item
+        image, target = self._dataset[index]
+        if not self._seeded:
+            return self._transform(image), target
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self._seed, position))
+            return self._transform(image), target
+
+
+def training_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
+    """The map-style dataset for data: fake | folder; items (index, position) -> (image, class)."""
     if cfg.data == "fake":
-        return torchvision.datasets.FakeData(
-            size=cfg.dataset_size, image_size=(3, cfg.image_size, cfg.image_size),
-            num_classes=cfg.num_classes,
-            transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]),
-            random_offset=cfg.seed)
-    if cfg.data == "folder":
-        # The standard evaluation-style pipeline: resize the short side (256/224 of the crop), centre-crop.
-        return torchvision.datasets.ImageFolder(cfg.data_dir, transform=v2.Compose([
-            v2.PILToTensor(),
-            v2.Resize(cfg.image_size * 256 // 224, antialias=True),
-            v2.CenterCrop(cfg.image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]))
-    raise ValueError(f"no dataset for data: {cfg.data}")
+        return _Augmented(_fake(cfg, size=cfg.dataset_size, offset=cfg.seed), lambda image: image,
+                          seed=cfg.seed, seeded=False)
+    if cfg.data != "folder":
+        raise ValueError(f"no dataset for data: {cfg.data}")
+    folder = torchvision.datasets.ImageFolder(cfg.data_dir)
+    if cfg.val_fraction:
+        train, _ = split_held_out(folder.targets, fraction=cfg.val_fraction, seed=cfg.seed)
+        folder = torch.utils.data.Subset(folder, train)
+    standard = cfg.augment == "standard"
+    transform = train_transform(cfg.image_size) if standard else eval_transform(cfg.image_size)
+    return _Augmented(folder, transform, seed=cfg.seed, seeded=standard)
+
+
+def held_out_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
+    """The held-out set (fake or folder data) of plain (image, class) items."""
+    if cfg.data == "fake":  # FakeData draws image i from seed i + offset: past the training ones
+        return _fake(cfg, size=cfg.eval_size, offset=cfg.seed + cfg.dataset_size)
+    if cfg.val_dir:
+        return torchvision.datasets.ImageFolder(cfg.val_dir, transform=eval_transform(cfg.image_size))
+    folder = torchvision.datasets.ImageFolder(cfg.data_dir, transform=eval_transform(cfg.image_size))
+    _, held_out = split_held_out(folder.targets, fraction=cfg.val_fraction, seed=cfg.seed)
+    return torch.utils.data.Subset(folder, held_out)
+
+
+def eval_slice(size: int, *, world_rank: int, world_size: int) -> range:
+    """The held-out indices rank `world_rank` evaluates: the r-th of W contiguous slices."""
+    per_rank = math.ceil(size / world_size)
+    return range(min(size, world_rank * per_rank), min(size, (world_rank + 1) * per_rank))
 
 
 class _StepBatches(torch.utils.data.Sampler):
-    """Yields this rank's index list for step, step + 1, ... (a batch sampler for DataLoader)."""
+    """Yields this rank's (index, position) list for step, step + 1, ... (a batch sampler for DataLoader)."""
 
     def __init__(self, cfg: RunConfig, *, world_rank: int, first_step: int, dataset_size: int):
         self._cfg, self._rank, self._first, self._size = cfg, world_rank, first_step, dataset_size
@@ -104,7 +192,7 @@ class _StepBatches(torch.utils.data.Sampler):
             positions = shard_positions(step=step, world_rank=self._rank,
                                         batch_size_per_worker=self._cfg.batch_size_per_worker,
                                         global_batch_size=self._cfg.global_batch_size)
-            yield dataset_indices(positions, seed=self._cfg.seed, dataset_size=self._size)
+            yield list(zip(dataset_indices(positions, seed=self._cfg.seed, dataset_size=self._size), positions))
 
     def __len__(self) -> int:
         return max(0, self._cfg.steps - self._first)
@@ -117,7 +205,7 @@ class ShardSource:
     def __init__(self, cfg: RunConfig, *, world_rank: int, device: torch.device):
         self._cfg, self._rank, self._device = cfg, world_rank, device
         self._rows = shard_rows(world_rank, cfg.batch_size_per_worker)
-        self._dataset = None if cfg.data == "synthetic" else build_dataset(cfg)
+        self._dataset = None if cfg.data == "synthetic" else training_dataset(cfg)
         self._loader: Iterator | None = None
         self._next_step = -1
 
@@ -138,3 +226,30 @@ class ShardSource:
         self._next_step = step + 1
         images, targets = next(self._loader)
         return (images.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True))
+
+
+class HeldOutSource:
+    """This rank's slice of the held-out set, in batches on its device (built when first used)."""
+
+    def __init__(self, cfg: RunConfig, *, world_rank: int, world_size: int, device: torch.device):
+        self._cfg, self._device = cfg, device
+        self._dataset = None if cfg.data == "synthetic" else held_out_dataset(cfg)
+        size = cfg.eval_size if self._dataset is None else len(self._dataset)
+        self.indices = eval_slice(size, world_rank=world_rank, world_size=world_size)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self._cfg
+        size = cfg.batch_size_per_worker
+        if self._dataset is None:
+            for start in range(0, len(self.indices), size):
+                samples = [synthetic_global_batch(seed=cfg.seed, step=HELD_OUT_STREAM + i, global_batch_size=1,
+                                                  image_size=cfg.image_size, num_classes=cfg.num_classes,
+                                                  loss=cfg.loss, device=self._device)
+                           for i in self.indices[start:start + size]]
+                yield torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
+            return
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self._dataset, list(self.indices)), batch_size=size,
+            num_workers=cfg.loader_workers, pin_memory=self._device.type == "cuda")
+        for images, targets in loader:
+            yield images.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True)

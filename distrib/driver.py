@@ -28,22 +28,18 @@ from typing import Literal
 
 import ray
 
-from distrib import comm, faults
+from distrib import cadence, comm, faults, folders
 from distrib.config import RunConfig
 from distrib.errors import DivergenceError, ReplicaError, StoppedAtOnce
 from distrib.group import ReplicaGroup, cluster_gpus, connect_ray
-from distrib.metrics import StepMetrics, aggregate, format_summary, summarize
+from distrib.hang import HangLimit
+from distrib.metrics import EvalMetrics, StepMetrics, aggregate, combine_evals, format_summary, summarize
 from distrib.progress import Progress, say
-from distrib.protocol import NodeInfo
+from distrib.protocol import Fingerprint, NodeInfo, first_difference
 from distrib.rundir import RunDir
+from distrib.schedule import lr_at
 
-CallKind = Literal["steps", "check", "checkpoint"]
-
-TIMED_WINDOW_STEPS = 50
-"""The hang limit is derived from the median wall time of this many latest steps."""
-MIN_TIMED_CALLS = 3
-"""Calls timed before the derived hang limit replaces step_timeout_s (the first are slow)."""
-
+CallKind = Literal["steps", cadence.BoundaryCall]
 
 @dataclass(frozen=True)
 class _Call:
@@ -75,13 +71,14 @@ class Orchestrator:
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []
+        self.evals: list[EvalMetrics] = []
         self.checks_passed = 0
         self.restarts = 0
         self.rundir: RunDir | None = None
         self._group: ReplicaGroup | None = None
         self._weights_ref: ray.ObjectRef | None = None
         self._faults: list[faults.Fault] = []
-        self._step_walls: deque[float] = deque(maxlen=TIMED_WINDOW_STEPS)
+        self._hang_limit: HangLimit | None = None
         self._stop_deadline: float | None = None
         self.stopped_by: str | None = None
         """Why the run was asked to stop early (e.g. 'SIGTERM'); None while it may run on."""
@@ -103,11 +100,14 @@ class Orchestrator:
         try:
             connect_ray()
             cfg = comm.resolve_config(self.requested_cfg, cluster_gpus=cluster_gpus())
+            folders.check(cfg)
             if self.resume_dir is not None:
                 self.rundir = RunDir.resume(self.resume_dir, cfg, say=self._say)
             else:
                 self.rundir = RunDir.create(cfg)
             self.cfg = self.rundir.cfg
+            self._hang_limit = HangLimit(self.cfg)
+            self.rundir.write_json("classes.json", folders.class_names(self.cfg))
             snapshot = self.rundir.snapshot
             self.step_count = snapshot.step if snapshot else 0
             self._faults = faults.parse(self.cfg.faults, num_workers=self.cfg.num_workers)
@@ -175,11 +175,9 @@ class Orchestrator:
         snapshot = self.rundir.snapshot
         if self.step_count == 0 or (snapshot is not None and snapshot.step == self.step_count):
             return
-        what = f"the checkpoint after step {self.step_count - 1}"
-        prints = self._group.call("fingerprint")
-        payload_ref = self._group.replicas[0].snapshot.remote()
-        self.compare(self._group.wait(prints, what, self._call_timeout(1)), after_step=self.step_count - 1)
-        self.rundir.save(self.step_count, self._group.wait([payload_ref], what, self._call_timeout(1))[0])
+        self._finish_check(_Call("checkpoint", self.step_count, 0, self._group.call("fingerprint"),
+                                 snapshot_ref=self._group.replicas[0].snapshot.remote()),
+                           queued_to=self.step_count - 1)
         if wait_for_disk:
             self.rundir.flush()
 
@@ -243,29 +241,25 @@ class Orchestrator:
             # step=: the last step handed out, which is what a failure may have reached.
             if call.kind == "steps":
                 last_done = self._finish_steps(call, last_done, queued_to=next_step - 1, progress=progress)
+            elif call.kind == "eval":  # not training: the next step's wall time starts after it
+                last_done = self._finish_eval(call, last_done, queued_to=next_step - 1)
             else:
                 self._finish_check(call, queued_to=next_step - 1)
 
     def _queue(self, queue: deque[_Call], next_step: int, end: int) -> int:
-        """Queue one call of steps from `next_step`, then its check or checkpoint if one is
-        due; returns the step after the queued ones."""
-        count = self._call_length(next_step, end)
+        """Queue one call of steps from `next_step`, then the checks, checkpoint or evaluation
+        due at its end (cadence.py); returns the step after the queued ones."""
+        count = cadence.call_length(self.cfg, next_step, end)
         queue.append(_Call("steps", next_step, count, self._group.call("run_steps", next_step, count)))
         next_step += count
-        if self.rundir.checkpoint_due(next_step):
-            queue.append(_Call("checkpoint", next_step, 0, self._group.call("fingerprint"),
-                               snapshot_ref=self._group.replicas[0].snapshot.remote()))
-        elif (self.cfg.check_every and next_step % self.cfg.check_every == 0) or next_step == self.cfg.steps:
-            queue.append(_Call("check", next_step, 0, self._group.call("fingerprint")))
+        for kind in cadence.boundary_calls(self.cfg, next_step):
+            if kind == "eval":
+                queue.append(_Call("eval", next_step, 0, self._group.call("evaluate")))
+                continue
+            prints = self._group.call("fingerprint")  # first: it averages the buffers the snapshot holds
+            snapshot_ref = self._group.replicas[0].snapshot.remote() if kind == "checkpoint" else None
+            queue.append(_Call(kind, next_step, 0, prints, snapshot_ref=snapshot_ref))
         return next_step
-
-    def _call_length(self, first_step: int, end: int) -> int:
-        """Steps in the next call: steps_per_call, cut so calls end on check and checkpoint steps and at `end`."""
-        count = min(self.cfg.steps_per_call, end - first_step)
-        for every in (self.cfg.check_every, self.cfg.checkpoint_every):
-            if every:
-                count = min(count, every - first_step % every)
-        return count
 
     def _finish_steps(self, call: _Call, last_done: float, *, queued_to: int, progress: Progress) -> float:
         """Wait for a call of steps, record its metrics; returns when it finished (perf_counter)."""
@@ -273,24 +267,43 @@ class Orchestrator:
         what = f"step {call.first_step}" if call.num_steps == 1 else f"steps {call.first_step}-{last_step}"
         if queued_to > last_step:
             what += f" (steps up to {queued_to} queued)"
-        records = self._group.wait(call.refs, what, self._call_timeout(call.num_steps), step=queued_to)
+        records = self._group.wait(call.refs, what, self._hang_limit.limit_s(call.num_steps), step=queued_to)
         now = time.perf_counter()
         wall_s = (now - last_done) / call.num_steps
-        self._step_walls.extend([wall_s] * call.num_steps)
+        self._hang_limit.record(wall_s, call.num_steps)
         for i in range(call.num_steps):
             metrics = aggregate(step=call.first_step + i, rank_records=[r[i] for r in records],
                                 loss_kind=self.cfg.loss, global_batch_size=self.cfg.global_batch_size,
-                                wall_s=wall_s, finished_at=time.time())
+                                wall_s=wall_s, finished_at=time.time(), lr=lr_at(self.cfg, call.first_step + i))
             self.history.append(metrics)
             self.rundir.write_metrics(metrics)
         self.step_count = last_step + 1
         progress.advance(call.num_steps, self.step_count, metrics)
         return now
 
+    def _finish_eval(self, call: _Call, started: float, *, queued_to: int) -> float:
+        """Wait for an evaluation queued after step first - 1, record it; returns when it finished."""
+        counts = self._group.wait(call.refs, f"the evaluation after step {call.first_step - 1}",
+                                  self.cfg.step_timeout_s, step=queued_to)
+        now = time.perf_counter()
+        metrics = combine_evals(step=call.first_step - 1, rank_records=counts, eval_s=now - started,
+                                finished_at=time.time())
+        self.evals.append(metrics)
+        self.rundir.write_metrics(metrics)
+        self._say(f"eval after step {metrics.step}: loss {metrics.loss:.4f}, top-1 {metrics.top1:.4f}, "
+                  f"top-5 {metrics.top5:.4f} ({metrics.count} images, {metrics.eval_s:.1f} s)")
+        return now
+
+    def evaluate(self) -> EvalMetrics:
+        """Evaluate the held-out set now, after step_count steps, and record it like a scheduled one."""
+        call = _Call("eval", self.step_count, 0, self._group.call("evaluate"))
+        self._finish_eval(call, time.perf_counter(), queued_to=self.step_count - 1)
+        return self.evals[-1]
+
     def _finish_check(self, call: _Call, *, queued_to: int) -> None:
         """Wait for a check's fingerprints and compare them; for a checkpoint, save rank 0's state."""
         what = f"the {call.kind} after step {call.first_step - 1}"
-        timeout_s = self._call_timeout(1)
+        timeout_s = self._hang_limit.limit_s(1)
         self.compare(self._group.wait(call.refs, what, timeout_s, step=queued_to), after_step=call.first_step - 1)
         if call.kind == "checkpoint":
             payload = self._group.wait([call.snapshot_ref], what, timeout_s, step=queued_to)[0]
@@ -299,16 +312,6 @@ class Orchestrator:
     def _leaving(self) -> bool:
         """Whether to queue no more steps: a stop was asked for, or a replica's node is being drained."""
         return self.stopped_by is not None or bool(self._group.draining_ranks())
-
-    def _call_timeout(self, num_steps: int) -> float:
-        """step_timeout_s until MIN_TIMED_CALLS calls are timed; then hang_timeout_factor x
-        the median step, floored at hang_timeout_min_s and capped at step_timeout_s. (While
-        stopping, the group also stops every wait at the stop's deadline.)"""
-        cfg = self.cfg
-        if len(self._step_walls) < MIN_TIMED_CALLS:
-            return cfg.step_timeout_s
-        derived = cfg.hang_timeout_factor * statistics.median(self._step_walls) * num_steps
-        return min(cfg.step_timeout_s, max(cfg.hang_timeout_min_s, derived))
 
     # ---- recovery --------------------------------------------------------------------------
     def _leave_draining_nodes(self) -> None:
@@ -340,6 +343,7 @@ class Orchestrator:
             self._faults = [f for f in self._faults if f.step > err.step]
         self.step_count = restore_step
         self.history = [m for m in self.history if m.step < restore_step]
+        self.evals = [m for m in self.evals if m.step < restore_step]
         self.rundir.rewind(restore_step)
         self._start_group()
         self.rundir.record_event({
@@ -354,18 +358,14 @@ class Orchestrator:
                                   self.cfg.step_timeout_s)
         self.compare(prints, after_step=self.step_count - 1)
 
-    def compare(self, prints: list[list[tuple[str, int]]], *, after_step: int) -> None:
+    def compare(self, prints: list[Fingerprint], *, after_step: int) -> None:
         """Raise DivergenceError naming the first rank and tensor whose fingerprint (prints[rank],
         from Replica.fingerprint) differs from rank 0's; count a passed check otherwise."""
-        when = "at start-up" if after_step < 0 else f"after step {after_step}"
-        for rank, theirs in enumerate(prints[1:], start=1):
-            for (name, ours_sum), (their_name, their_sum) in zip(prints[0], theirs):
-                if name != their_name or ours_sum != their_sum:
-                    raise DivergenceError(f"replicas diverged {when}: {self._group.name([rank])} differs from "
-                                          f"rank 0, first in {name}")
-            if len(theirs) != len(prints[0]):
-                raise DivergenceError(f"replicas diverged {when}: {self._group.name([rank])} holds "
-                                      f"{len(theirs)} state tensors, rank 0 holds {len(prints[0])}")
+        difference = first_difference(prints)
+        if difference is not None:
+            rank, what = difference
+            when = "at start-up" if after_step < 0 else f"after step {after_step}"
+            raise DivergenceError(f"replicas diverged {when}: {self._group.name([rank])} {what}")
         self.checks_passed += 1
 
     def state(self) -> dict:
@@ -383,14 +383,15 @@ class Orchestrator:
         return {key: statistics.fmean(r[key] for r in results) for key in results[0]}
 
     def summary(self) -> dict:
-        """Throughput and phase times over the steps run so far; the first call's steps are warm-up."""
-        return summarize(self.history, global_batch_size=self.cfg.global_batch_size,
+        """Throughput and phase times over the steps run so far (the first call's steps are
+        warm-up; evaluations are not counted), and the held-out results if any."""
+        return summarize(self.history, self.evals, global_batch_size=self.cfg.global_batch_size,
                          warmup_steps=self.cfg.steps_per_call)
 
     def _write_summary(self) -> None:
         summary = {**self.summary(), "checks_passed": self.checks_passed, "restarts": self.restarts,
                    "num_workers": self.cfg.num_workers, "device": self.cfg.device, "backend": self.cfg.backend}
-        self.rundir.write_summary(summary)
+        self.rundir.write_json("summary.json", summary)
         self._say(format_summary(summary))
 
     def _say(self, text: str) -> None:

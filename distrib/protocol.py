@@ -28,10 +28,23 @@ class StepRecord(TypedDict):
     """All-reduce window: first gradient bucket sent to last one received (0 alone)."""
 
 
-Phase = Literal["setup", "idle", "data", "forward", "backward", "optimizer", "done"]
+class EvalRecord(TypedDict):
+    """One rank's counts over its slice of the held-out set; the driver sums them over ranks,
+    so the totals are the same for any number of workers."""
+
+    count: int
+    loss_sum: float
+    """Sum of the per-image cross-entropy (float64 on the replica)."""
+    top1: int
+    """Images whose target is the top-scored class."""
+    top5: int
+    """Images whose target is among the 5 top-scored classes (all of them, with fewer than 5)."""
+
+
+Phase = Literal["setup", "idle", "data", "forward", "backward", "optimizer", "done", "eval"]
 """Where a replica is, as its hang probe reports it."""
 
-PHASE_ORDER: tuple[Phase, ...] = ("setup", "idle", "data", "forward", "backward", "optimizer", "done")
+PHASE_ORDER: tuple[Phase, ...] = ("setup", "idle", "data", "forward", "backward", "optimizer", "done", "eval")
 """Phases in the order a replica passes them within a step: a rank earlier in this order
 at the same step is behind its peers."""
 
@@ -60,3 +73,18 @@ class NodeInfo:
     gpus: str
     """CUDA_VISIBLE_DEVICES of the replica's process ('' on CPU)."""
     device_name: str
+
+
+Fingerprint = list[tuple[str, int]]
+"""(name, checksum of the raw bits) of every parameter, momentum buffer and module buffer."""
+
+
+def first_difference(prints: list[Fingerprint]) -> tuple[int, str] | None:
+    """(rank, what differs) for the first rank whose fingerprint (prints[rank]) is not rank 0's."""
+    for rank, theirs in enumerate(prints[1:], start=1):
+        for (name, ours_sum), (their_name, their_sum) in zip(prints[0], theirs):
+            if name != their_name or ours_sum != their_sum:
+                return rank, f"differs from rank 0, first in {name}"
+        if len(theirs) != len(prints[0]):
+            return rank, f"holds {len(theirs)} state tensors, rank 0 holds {len(prints[0])}"
+    return None

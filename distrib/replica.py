@@ -15,7 +15,7 @@ import ray
 from distrib import comm
 from distrib.config import RunConfig
 from distrib.faults import Fault
-from distrib.protocol import NodeInfo, Position, StepRecord
+from distrib.protocol import EvalRecord, NodeInfo, Position, StepRecord
 
 CONCURRENCY_GROUPS = {"probe": 1}
 """The hang probe's own thread; every other call runs on the one default thread, in order."""
@@ -67,6 +67,10 @@ class Replica:
     def run_steps(self, first_step: int, num_steps: int) -> list[StepRecord]:
         """See Trainer.run_steps. Collective: every rank gets the same call."""
         return self._trainer.run_steps(first_step, num_steps)
+
+    def evaluate(self) -> EvalRecord:
+        """See Trainer.evaluate. Collective."""
+        return self._trainer.evaluate()
 
     def fingerprint(self) -> list[tuple[str, int]]:
         """See Trainer.fingerprint. Collective."""

@@ -1,12 +1,13 @@
 """RunDir: everything under one run directory, and the snapshot a recovery starts from.
 
     RUN_DIR/config.yaml     the resolved config the run goes on with (what --resume reads)
-    RUN_DIR/metrics.jsonl   one line per finished step
+    RUN_DIR/metrics.jsonl   one line per finished step ("kind": "step") and evaluation ("kind": "eval")
+    RUN_DIR/classes.json    the names of the model's output classes, in order
     RUN_DIR/events.jsonl    one line per restart
     RUN_DIR/summary.json    throughput and the step-time breakdown, at the end
     RUN_DIR/checkpoints/    the newest keep_checkpoints snapshots (see checkpoint.py)
 
-The driver's loop says *when* (`checkpoint_due`, then `save`); this module says *how*:
+The driver's loop says *when* (cadence.py), then calls `save`; this module says *how*:
 the snapshot is kept in memory for recovery and written to disk on a background
 thread, one write at a time, in step order. It knows no Ray and no torch.
 """
@@ -26,7 +27,7 @@ import yaml
 from distrib import checkpoint
 from distrib.config import RunConfig, to_dict
 from distrib.errors import ConfigError
-from distrib.metrics import StepMetrics
+from distrib.metrics import EvalMetrics, StepMetrics
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,6 @@ class RunDir:
         tmp.replace(self.path / "config.yaml")
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def checkpoint_due(self, steps_done: int) -> bool:
-        """Whether the run takes a snapshot once `steps_done` steps are finished."""
-        every = self.cfg.checkpoint_every
-        return bool(every) and steps_done % every == 0
-
     def save(self, step: int, payload: bytes) -> None:
         """Keep the snapshot for recovery and write it to RUN_DIR/checkpoints on the background
         thread (hashing and fsync take ~1 s for resnet18), so the driver goes on feeding the
@@ -110,7 +106,7 @@ class RunDir:
             pending.result()
 
     # ---- records -----------------------------------------------------------------------------
-    def write_metrics(self, metrics: StepMetrics) -> None:
+    def write_metrics(self, metrics: StepMetrics | EvalMetrics) -> None:
         self._metrics.write(metrics)
 
     def rewind(self, step: int) -> None:
@@ -122,8 +118,9 @@ class RunDir:
         with (self.path / "events.jsonl").open("a") as f:
             f.write(json.dumps(event) + "\n")
 
-    def write_summary(self, summary: dict) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    def write_json(self, name: str, value) -> None:
+        """RUN_DIR/name as indented JSON (summary.json, classes.json)."""
+        (self.path / name).write_text(json.dumps(value, indent=2) + "\n")
 
     def close(self) -> None:
         """Finish the checkpoint being written (never cut short) and close the metrics file."""
@@ -147,7 +144,7 @@ class _MetricsLog:
         tmp.replace(self.path)
         self._file = self.path.open("a")
 
-    def write(self, metrics: StepMetrics) -> None:
+    def write(self, metrics: StepMetrics | EvalMetrics) -> None:
         self._file.write(json.dumps(asdict(metrics)) + "\n")
         self._file.flush()
 

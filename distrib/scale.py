@@ -65,8 +65,13 @@ class SweepConfig:
     """Steps timed per point."""
     out_dir: str = "runs/sweep-{time}"
     """Where results and plots go; `{time}` becomes the start time."""
+    target_top1: float = 0.0
+    """Time to accuracy: each point trains until the held-out top-1 reaches this, evaluating
+    every base.eval_every steps, or until base.steps (the cap); 0 = a throughput sweep."""
 
     def __post_init__(self) -> None:
+        if self.target_top1:
+            self._check_target()
         if self.scaling not in ("weak", "strong"):
             raise _fail("scaling", self.scaling, "must be weak or strong")
         if self.scaling == "strong":
@@ -76,6 +81,13 @@ class SweepConfig:
                 raise _fail(key, getattr(self, key), "must be an integer >= 1")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise _fail("out_dir", self.out_dir, "must be a non-empty path")
+
+    def _check_target(self) -> None:
+        if not 0 < self.target_top1 <= 1:
+            raise _fail("target_top1", self.target_top1, "must be in (0, 1]")
+        if not self.base.eval_every:
+            raise _fail("base.eval_every", self.base.eval_every,
+                        "a time-to-accuracy sweep evaluates as it goes: set eval_every in base")
 
     def _check_strong(self) -> None:
         if "batch_size_per_worker" in self.sweep:
@@ -153,6 +165,33 @@ def _busbw_gbps(num_bytes: int, seconds: float, workers: int) -> float | None:
     return num_bytes * 2 * (workers - 1) / workers / seconds / 1e9
 
 
+def run_to_target(sweep: SweepConfig, point: dict[str, Any], run_dir: Path) -> dict:
+    """One time-to-accuracy point: train until the held-out top-1 reaches sweep.target_top1
+    (evaluated every base.eval_every steps) or base.steps; the clock runs from the first step
+    queued to the evaluation that reached it, evaluations included, as MLPerf counts it."""
+    import ray
+    import torch
+
+    from distrib.driver import Orchestrator
+
+    cfg = sweep.base.replace(**point, run_dir=str(run_dir), checkpoint_every=0)
+    with Orchestrator(cfg, progress=False) as orch:
+        started = time.time()
+        reached = None
+        while reached is None and orch.step_count < cfg.steps:
+            orch.train(min(cfg.eval_every, cfg.steps - orch.step_count))
+            if orch.evals[-1].top1 >= sweep.target_top1:
+                reached = orch.evals[-1]
+        summary, resolved, best = orch.summary(), orch.cfg, max(e.top1 for e in orch.evals)
+    steps = reached.step + 1 if reached else None
+    return {"images_per_s": summary["images_per_s"], "step_s": summary["step_s"], "target_top1": sweep.target_top1,
+            "reached_target": reached is not None, "best_top1": best, "steps_to_target": steps,
+            "images_to_target": steps * cfg.global_batch_size if reached else None,
+            "seconds_to_target": reached.finished_at - started if reached else None,
+            "device": resolved.device, "backend": resolved.backend, "precision": resolved.precision,
+            "torch_version": torch.__version__, "ray_version": ray.__version__}
+
+
 def run_distrib_point(sweep: SweepConfig, point: dict[str, Any], run_dir: Path) -> dict:
     """One point through the Orchestrator: a fresh group, warm-up, timed steps, profile."""
     import ray
@@ -160,6 +199,8 @@ def run_distrib_point(sweep: SweepConfig, point: dict[str, Any], run_dir: Path) 
     from distrib.driver import Orchestrator
     from distrib.metrics import summarize
 
+    if sweep.target_top1:
+        return run_to_target(sweep, point, run_dir)
     # Checks and checkpoints off: the timed steps are training alone (a final check still runs).
     cfg = sweep.base.replace(**point, steps=sweep.warmup_steps + sweep.timed_steps, run_dir=str(run_dir),
                              check_every=0, checkpoint_every=0)
@@ -218,6 +259,9 @@ def _read_rows(path: Path) -> list[dict]:
 def run_sweep(sweep: SweepConfig, *, baseline: str | None = None, resume_dir: str | Path | None = None,
               say=print) -> tuple[Path, list[dict]]:
     """Run every point not yet in OUT_DIR/results.jsonl, then write the tables and plots."""
+    if baseline and sweep.target_top1:
+        raise ConfigError("--baseline: a time-to-accuracy sweep (target_top1) runs distrib's points only; "
+                          "drop --baseline or target_top1")
     out_dir = _open_out_dir(sweep, resume_dir)
     results_path = out_dir / "results.jsonl"
     done_ids = {row["point_id"] for row in _read_rows(results_path)}
@@ -285,4 +329,4 @@ def _row(sweep: SweepConfig, tool: str, pid: str, point: dict[str, Any], measure
 def _describe(sweep: SweepConfig) -> dict:
     return {"base": config.to_dict(sweep.base), "sweep": {k: list(v) for k, v in sweep.sweep.items()},
             "scaling": sweep.scaling, "global_batch_size": sweep.global_batch_size,
-            "warmup_steps": sweep.warmup_steps, "timed_steps": sweep.timed_steps}
+            "warmup_steps": sweep.warmup_steps, "timed_steps": sweep.timed_steps, "target_top1": sweep.target_top1}

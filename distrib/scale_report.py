@@ -4,7 +4,9 @@
     OUT_DIR/results.json    the same rows, every field
     OUT_DIR/throughput.png  images/s against workers, with the ideal line from 1 worker
     OUT_DIR/efficiency.png  images/s / (N x images/s of the 1-worker point of the same series)
-    OUT_DIR/breakdown.png   where a distrib step's time goes, stacked, per point
+    OUT_DIR/breakdown.png   where a distrib step's time goes, stacked, per point (throughput sweeps)
+    OUT_DIR/time_to_accuracy.png  seconds to the target top-1 against workers, beside images/s
+                                  (time-to-accuracy sweeps: statistical next to hardware efficiency)
 
 Rows are plain dicts (as `scale.run_sweep` appends them to results.jsonl), so a report
 can be rebuilt from that file alone.
@@ -40,7 +42,8 @@ _CSV_COLUMNS = ("tool", "num_workers", "batch_size_per_worker", "global_batch_si
                 "step_s", "data_s", "forward_s", "backward_s", "backward_compute_s", "exposed_comm_s", "optimizer_s",
                 "driver_overhead_s", "comm_s", "allreduce_bytes", "achieved_busbw_gbps", "microbench_allreduce_s",
                 "microbench_busbw_gbps", "device", "device_name", "backend", "torch_version", "ray_version",
-                "warmup_steps", "timed_steps", "point_id")
+                "warmup_steps", "timed_steps", "target_top1", "reached_target", "best_top1", "steps_to_target",
+                "images_to_target", "seconds_to_target", "point_id")
 
 
 def write_outputs(out_dir: Path, rows: list[dict]) -> None:
@@ -60,7 +63,10 @@ def write_outputs(out_dir: Path, rows: list[dict]) -> None:
     worker_ticks = sorted({r["num_workers"] for r in rows})
     _plot_throughput(out_dir / "throughput.png", series, scaling, worker_ticks)
     _plot_efficiency(out_dir / "efficiency.png", series, scaling, worker_ticks)
-    _plot_breakdown(out_dir / "breakdown.png", [r for r in rows if r["tool"] == "distrib"])
+    if any(r.get("target_top1") for r in rows):
+        _plot_time_to_accuracy(out_dir / "time_to_accuracy.png", series, scaling, worker_ticks)
+    else:
+        _plot_breakdown(out_dir / "breakdown.png", [r for r in rows if r["tool"] == "distrib"])
 
 
 def _label(rows_of_series: list[dict], scaling: str) -> str:
@@ -113,6 +119,29 @@ def _plot_efficiency(path: Path, series: dict[tuple, list[dict]], scaling: str, 
     _save_line_plot(fig, ax, path, worker_ticks)
 
 
+def _plot_time_to_accuracy(path: Path, series: dict[tuple, list[dict]], scaling: str,
+                           worker_ticks: list[int]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for rs in series.values():
+        reached = [r for r in rs if r["reached_target"]]
+        left.plot([r["num_workers"] for r in reached], [r["seconds_to_target"] for r in reached], marker="o",
+                  label=_label(rs, scaling))
+        right.plot([r["num_workers"] for r in rs], [r["images_per_s"] for r in rs], marker="o",
+                   label=_label(rs, scaling))
+    target = next(r["target_top1"] for rs in series.values() for r in rs)
+    left.set(xlabel="workers", ylabel="seconds", title=f"Time to top-1 {target:g} (points that missed it left out)")
+    right.set(xlabel="workers", ylabel="images/s", title="Throughput")
+    for ax in (left, right):
+        ax.set_xticks(worker_ticks)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 _BREAKDOWN_PARTS = (("data_s", "data"), ("forward_s", "forward"), ("backward_compute_s", "backward compute"),
                     ("exposed_comm_s", "exposed all-reduce"), ("optimizer_s", "optimizer"),
                     ("driver_overhead_s", "driver"))
@@ -142,6 +171,8 @@ def format_table(rows: list[dict]) -> str:
     def value(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
         return format(row[key] * scale, fmt) if row.get(key) is not None else "-"
 
+    if any(r.get("target_top1") for r in rows):
+        return _format_time_to_accuracy(rows)
     lines = ["| tool | workers | batch/worker | px | images/s | efficiency | step ms | exposed all-reduce ms "
              "| busbw achieved / microbench GB/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -150,4 +181,17 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['images_per_s']:.1f} | {value(r, 'efficiency', '.3f')} | {value(r, 'step_s', '.1f', 1e3)} | "
                      f"{value(r, 'exposed_comm_s', '.1f', 1e3)} | {value(r, 'achieved_busbw_gbps', '.2f')} / "
                      f"{value(r, 'microbench_busbw_gbps', '.2f')} |")
+    return "\n".join(lines)
+
+
+def _format_time_to_accuracy(rows: list[dict]) -> str:
+    target = rows[0]["target_top1"]
+    lines = [f"| workers | batch/worker | px | images/s | efficiency | to top-1 {target:g}: steps | images | seconds "
+             "| best top-1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["image_size"], r["batch_size_per_worker"], r["num_workers"])):
+        reached = (f"{r['steps_to_target']} | {r['images_to_target']} | {r['seconds_to_target']:.1f}"
+                   if r["reached_target"] else "missed | - | -")
+        efficiency = f"{r['efficiency']:.3f}" if r.get("efficiency") is not None else "-"
+        lines.append(f"| {r['num_workers']} | {r['batch_size_per_worker']} | {r['image_size']} | "
+                     f"{r['images_per_s']:.1f} | {efficiency} | {reached} | {r['best_top1']:.4f} |")
     return "\n".join(lines)

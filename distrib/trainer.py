@@ -20,12 +20,13 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from distrib import comm
+from distrib import comm, evaluation
 from distrib.config import RunConfig
-from distrib.data import ShardSource
+from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
 from distrib.model import StateDict, build_model
-from distrib.protocol import PHASES, Position, StepRecord
+from distrib.protocol import PHASES, EvalRecord, Position, StepRecord
+from distrib.schedule import lr_at
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,10 +72,7 @@ class Trainer:
 
         self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)
         self.model.to(self.device, memory_format=self._memory_format)
-        if cfg.batchnorm == "frozen":
-            for module in self.model.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
+        self._set_train_mode()
         self._comm = _AllReduceHook(world_size=self.world_size, dtype=_AMP_DTYPES.get(cfg.grad_compression))
         # With one rank there is nothing to all-reduce (DDP would divide by 1): the plain
         # module gives the same numbers without DDP's per-step hooks and launches.
@@ -94,11 +92,20 @@ class Trainer:
         # rank's share is scaled by the world size to make the average equal the global gradient.
         self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
         self.data = ShardSource(cfg, world_rank=world_rank, device=self.device)
+        self._held_out: HeldOutSource | None = None  # built at the first evaluation
         self._clock = _Clock(self.device)
         self._faults = {f.step: f for f in faults if f.rank == world_rank}
         self.next_step = 0
         self.position = Position(-1, "idle")
         """Where this rank is; read by the driver's hang probe from another thread."""
+
+    def _set_train_mode(self) -> None:
+        """Training mode, with BatchNorm in eval mode under batchnorm: frozen."""
+        self.model.train()
+        if self.cfg.batchnorm == "frozen":
+            for module in self.model.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
 
     def _wrap_ddp(self, cfg: RunConfig) -> DistributedDataParallel:
         # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
@@ -136,6 +143,8 @@ class Trainer:
             self.position = Position(step, "data")
             if step in self._faults:
                 fire(self._faults.pop(step))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.cfg, step)
             t0 = self._clock.mark()
             images, targets = self.data.batch(step)
             images = images.contiguous(memory_format=self._memory_format)
@@ -171,6 +180,27 @@ class Trainer:
             phases = [self._clock.seconds(a, b) for a, b in zip(m, m[1:])]
             records.append(StepRecord(step=step, loss=loss_value, **dict(zip(PHASES, phases)), comm_s=comm_s))
         return records
+
+    def evaluate(self) -> EvalRecord:
+        """Counts over this rank's slice of the held-out set, BatchNorm in eval mode. Collective:
+        under batchnorm: train the running statistics are averaged over ranks for it, and
+        every buffer is put back afterwards, bit for bit, so training goes on as without it."""
+        if self._held_out is None:
+            self._held_out = HeldOutSource(self.cfg, world_rank=self.world_rank, world_size=self.world_size,
+                                           device=self.device)
+        self.position = Position(self.next_step - 1, "eval")
+        saved = [buffer.clone() for buffer in self.model.buffers()]
+        if self.cfg.batchnorm == "train":
+            self.sync_buffers()
+        self.model.eval()
+        try:
+            return evaluation.evaluate(self.model, self._held_out.batches(), amp_dtype=self._amp_dtype,
+                                       memory_format=self._memory_format)
+        finally:
+            for buffer, value in zip(self.model.buffers(), saved):
+                buffer.copy_(value)
+            self._set_train_mode()
+            self.position = Position(self.next_step - 1, "done")
 
     @property
     def allreduce_bytes(self) -> int:

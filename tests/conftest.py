@@ -24,6 +24,23 @@ def small_cfg(tmp_path) -> RunConfig:
                      steps=4, lr=0.05, check_every=2, loader_workers=0, run_dir=str(tmp_path / "run"))
 
 
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """Real images to learn from: scikit-learn's 1,797 handwritten digits (8x8, 10 classes,
+    shipped inside the package), written out as an ImageFolder of RGB PNGs."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits") / "train"
+    digits = load_digits()
+    for index, (image, target) in enumerate(zip(digits.images, digits.target)):
+        folder = root / str(target)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").save(folder / f"{index:04d}.png")
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip cleanly where torch sees no CUDA device (CI has none)."""
     import torch

@@ -12,6 +12,7 @@ from PIL import Image
 
 from distrib.config import ConfigError
 from distrib.scale import load_sweep, run_sweep
+from distrib.scale_report import format_table
 
 TINY = """
 base: {device: cpu, batch_size_per_worker: 4, image_size: 32, num_classes: 10, loader_workers: 0}
@@ -102,3 +103,33 @@ def test_shipped_sweeps_load():
     assert len(shipped) >= 2
     for path in shipped:
         assert load_sweep(path).points()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_time_to_accuracy_sweep(tmp_path, digits_folder):
+    """A target every point reaches at its first evaluation (chance on 10 classes is ~0.1), and
+    one no point reaches within the cap: the mechanics, not the learning, are under test here."""
+    base = (f"base: {{device: cpu, data: folder, data_dir: {digits_folder}, num_classes: 10, image_size: 32, "
+            "batch_size_per_worker: 8, loader_workers: 0, augment: none, val_fraction: 0.1, eval_every: 2, "
+            "steps: 4}\nsweep: {num_workers: [1, 2]}\nout_dir: OUT\n")
+    reached = load_sweep(sweep_file(tmp_path, base + "target_top1: 0.01\n"))
+    _, rows = run_sweep(reached, say=lambda text: None)
+    assert [(r["num_workers"], r["reached_target"], r["steps_to_target"]) for r in rows] == [(1, True, 2), (2, True, 2)]
+    assert all(r["images_to_target"] == 2 * 8 * r["num_workers"] and r["seconds_to_target"] > 0 for r in rows)
+    missed_text = base.replace("OUT", str(tmp_path / "missed")).replace("[1, 2]", "[2]")
+    missed = load_sweep(sweep_file(tmp_path, missed_text + "target_top1: 1.0\n"))
+    out_dir, rows = run_sweep(missed, say=lambda text: None)
+    assert all(not r["reached_target"] and r["steps_to_target"] is None and 0 <= r["best_top1"] < 1 for r in rows)
+    table = format_table(rows)
+    assert "to top-1 1: steps" in table and table.count("missed") == 1
+    with Image.open(out_dir / "time_to_accuracy.png") as image:
+        assert image.format == "PNG"
+    with pytest.raises(ConfigError, match="drop --baseline or target_top1"):
+        run_sweep(missed, baseline="torchrun")
+
+
+def test_time_to_accuracy_needs_evaluation(tmp_path):
+    with pytest.raises(ConfigError, match="sweep base.eval_every: 0 is invalid"):
+        load_sweep(sweep_file(tmp_path, "base: {}\nsweep: {num_workers: [1]}\ntarget_top1: 0.9\n"))
+    with pytest.raises(ConfigError, match=r"sweep target_top1: 1.5 is invalid: must be in \(0, 1\]"):
+        load_sweep(sweep_file(tmp_path, "base: {eval_every: 5}\nsweep: {num_workers: [1]}\ntarget_top1: 1.5\n"))

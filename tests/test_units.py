@@ -46,9 +46,9 @@ def test_aggregate_defines_the_loss_on_the_global_batch():
     records = [{"loss": 2.0, "data_s": 0.1, "forward_s": 0.2, "backward_s": 0.3, "optimizer_s": 0.1, "comm_s": 0.2},
                {"loss": 4.0, "data_s": 0.1, "forward_s": 0.4, "backward_s": 0.3, "optimizer_s": 0.1, "comm_s": 0.1}]
     mean = aggregate(step=0, rank_records=records, loss_kind="cross_entropy", global_batch_size=8,
-                     wall_s=0.5, finished_at=0.0)
+                     wall_s=0.5, finished_at=0.0, lr=0.1)
     total = aggregate(step=0, rank_records=records, loss_kind="sum", global_batch_size=8, wall_s=0.5,
-                      finished_at=0.0)
+                      finished_at=0.0, lr=0.1)
     assert mean.loss == 3.0 and total.loss == 6.0
     assert mean.images_per_s == 16.0 and mean.forward_s == pytest.approx(0.3)
     assert mean.step_s == pytest.approx(0.9)  # the slowest rank
@@ -118,3 +118,45 @@ def test_modules_and_functions_stay_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 too_big.append(f"{path.name}: {node.name}() has {node.end_lineno - node.lineno + 1} lines")
     assert not too_big, "; ".join(too_big)
+
+
+def test_schedules_warm_up_then_decay():
+    import math
+
+    from distrib.schedule import lr_at
+
+    cosine = RunConfig(steps=10, lr=0.1, warmup_steps=2, lr_schedule="cosine")
+    assert [lr_at(cosine, s) for s in (0, 1)] == [0.05, 0.1]
+    assert lr_at(cosine, 6) == pytest.approx(0.05)
+    assert lr_at(cosine, 9) == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
+    step = RunConfig(steps=10, lr=0.1, lr_schedule="step", lr_milestones=(3, 6), lr_gamma=0.5)
+    assert [lr_at(step, s) for s in (2, 3, 5, 6, 9)] == [0.1, 0.05, 0.05, 0.025, 0.025]
+    scaled = RunConfig(num_workers=4, batch_size_per_worker=32, lr=0.1, lr_scaling="linear", base_batch_size=256)
+    assert lr_at(scaled, 0) == pytest.approx(0.05)  # 0.1 x 128 / 256
+
+
+def test_held_out_split_is_seeded_per_class_and_leaves_training_images():
+    targets = [0] * 10 + [1] * 3 + [2]
+    train, held_out = data.split_held_out(targets, fraction=0.2, seed=0)
+    assert sorted(train + held_out) == list(range(14)) and not set(train) & set(held_out)
+    assert [sum(targets[i] == c for i in held_out) for c in (0, 1, 2)] == [2, 1, 1]  # at least 1 per class
+    assert (train, held_out) == data.split_held_out(targets, fraction=0.2, seed=0)
+    assert held_out != data.split_held_out(targets, fraction=0.2, seed=1)[1]
+
+
+def test_folder_image_extensions_match_torchvision():
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from distrib.folders import IMAGE_EXTENSIONS
+
+    assert set(IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS)
+
+
+def test_cadence_orders_boundary_calls():
+    from distrib.cadence import boundary_calls, call_length
+
+    cfg = RunConfig(steps=12, check_every=2, checkpoint_every=4, eval_every=3, steps_per_call=5)
+    assert [boundary_calls(cfg, s) for s in (2, 3, 4, 6, 12)] == [["check"], ["eval"], ["checkpoint"],
+                                                                  ["check", "eval"], ["checkpoint", "eval"]]
+    assert [call_length(cfg, first, 12) for first in (0, 2, 3, 11)] == [2, 1, 1, 1]
+    assert boundary_calls(cfg.replace(eval_every=0), 12) == ["checkpoint"]

@@ -1,0 +1,37 @@
+"""HangLimit: how long one driver call may take before the driver calls it a hang.
+
+Until a few calls are timed, the limit is step_timeout_s; then it is
+hang_timeout_factor x the median step of the latest ones, times the steps in the
+call, floored at hang_timeout_min_s (a check, a checkpoint or a slow batch makes a
+step longer now and then) and capped at step_timeout_s.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+from distrib.config import RunConfig
+
+TIMED_WINDOW_STEPS = 50
+"""The median is over this many latest steps."""
+MIN_TIMED_CALLS = 3
+"""Steps timed before the derived limit replaces step_timeout_s (the first are slow)."""
+
+
+class HangLimit:
+    def __init__(self, cfg: RunConfig):
+        self._cfg = cfg
+        self._step_walls: deque[float] = deque(maxlen=TIMED_WINDOW_STEPS)
+
+    def record(self, wall_s: float, num_steps: int) -> None:
+        """A call of `num_steps` steps finished, `wall_s` per step."""
+        self._step_walls.extend([wall_s] * num_steps)
+
+    def limit_s(self, num_steps: int) -> float:
+        """Seconds a call of `num_steps` steps may take."""
+        cfg = self._cfg
+        if len(self._step_walls) < MIN_TIMED_CALLS:
+            return cfg.step_timeout_s
+        derived = cfg.hang_timeout_factor * statistics.median(self._step_walls) * num_steps
+        return min(cfg.step_timeout_s, max(cfg.hang_timeout_min_s, derived))

@@ -1,0 +1,188 @@
+"""Training a model a user keeps, on real images (scikit-learn's digits), with real Ray and gloo:
+held-out evaluation, learning-rate schedules, seeded augmentation, export, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from distrib import Orchestrator, RunConfig, cli
+from distrib.data import training_dataset
+from distrib.model import load_weights
+from distrib.schedule import lr_at
+from tests.conftest import assert_bit_identical, flat_state
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def digits_cfg(digits_folder, run_dir, **changes) -> RunConfig:
+    return RunConfig(num_workers=2, device="cpu", data="folder", data_dir=str(digits_folder), num_classes=10,
+                     image_size=32, batch_size_per_worker=16, steps=48, lr=0.1, warmup_steps=5,
+                     lr_schedule="cosine", val_fraction=0.2, eval_every=24, augment="none", loader_workers=1,
+                     check_every=12, checkpoint_every=24, run_dir=str(run_dir)).replace(**changes)
+
+
+def records(run_dir, kind: str) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def test_learns_real_images_then_exports_a_plain_torchvision_model(digits_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = digits_cfg(digits_folder, run_dir)
+    with Orchestrator(cfg, progress=False) as orch:
+        orch.train()
+    evals = records(run_dir, "eval")
+    assert [e["step"] for e in evals] == [23, 47]
+    # val_fraction 0.2 of each class (174 to 183 images) rounds to 35, 36 or 37: 359 in all
+    assert all(e["count"] == 359 for e in evals)
+    assert evals[-1]["top1"] > 0.3 and evals[-1]["top5"] >= evals[-1]["top1"]  # chance is 0.1
+    steps = records(run_dir, "step")
+    assert [s["lr"] for s in steps] == [lr_at(cfg, s["step"]) for s in steps]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_top1"] == evals[-1]["top1"] and summary["best_top1"] == max(e["top1"] for e in evals)
+
+    done = subprocess.run([sys.executable, "-m", "distrib", "export", str(run_dir), "--out",
+                           str(tmp_path / "digits.pth")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(tmp_path / "digits.pth", weights_only=True))
+    meta = json.loads((tmp_path / "digits.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["image_size"] == 32 and meta["step"] == 48
+    assert load_weights(str(tmp_path / "digits.pth"), num_classes=10).keys() == model.state_dict().keys()
+
+    scores = []
+    for source in (tmp_path / "digits.pth", run_dir):  # the same weights, from the file and from the run
+        done = subprocess.run([sys.executable, "-m", "distrib", "evaluate", str(source), "--data",
+                               str(digits_folder)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        scores.append(done.stdout.strip().splitlines()[-1])
+    assert scores[0] == scores[1] and scores[0].startswith("1797 images: loss ")
+
+
+def test_evaluation_is_exact_for_any_number_of_workers(digits_folder, tmp_path):
+    torch.manual_seed(7)
+    weights = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    results = {}
+    for workers in (1, 2):
+        cfg = digits_cfg(digits_folder, tmp_path / f"w{workers}", num_workers=workers, weights=str(weights))
+        with Orchestrator(cfg, progress=False) as orch:
+            results[workers] = orch.evaluate()
+    one, two = results[1], results[2]
+    assert (one.count, one.top1, one.top5) == (two.count, two.top1, two.top5) and one.count == 359
+    assert one.loss == pytest.approx(two.loss, rel=1e-6)  # per-image losses summed in another order
+
+
+def test_training_is_bit_identical_with_and_without_evaluation(small_cfg, tmp_path):
+    """Evaluation averages BatchNorm's running statistics for itself and puts every bit back."""
+    states = []
+    for eval_every in (0, 2):
+        cfg = small_cfg.replace(eval_every=eval_every, eval_size=24, run_dir=str(tmp_path / f"e{eval_every}"))
+        with Orchestrator(cfg, progress=False) as orch:
+            orch.train()
+            states.append(flat_state(orch.state()))
+            assert len(orch.evals) == (2 if eval_every else 0)
+    assert_bit_identical(states[0], states[1])
+
+
+def test_resume_is_exact_with_a_schedule(tmp_path):
+    cfg = RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10, steps=6,
+                    lr=0.05, lr_schedule="step", lr_milestones=(2, 4), lr_gamma=0.5, warmup_steps=1,
+                    lr_scaling="linear", base_batch_size=4, check_every=2, checkpoint_every=2, loader_workers=0)
+    with Orchestrator(cfg.replace(run_dir=str(tmp_path / "ref")), progress=False) as orch:
+        orch.train()
+        uninterrupted = flat_state(orch.state())
+    run_dir = tmp_path / "run"
+    with Orchestrator(cfg.replace(run_dir=str(run_dir)), progress=False) as orch:
+        orch.train(3)
+    with Orchestrator(cfg.replace(run_dir=str(run_dir)), progress=False, resume_dir=run_dir) as orch:
+        orch.train()
+        resumed = flat_state(orch.state())
+    assert_bit_identical(resumed, uninterrupted)
+    # peak 0.05 x 8 / 4, a warm-up step, then halved at steps 2 and 4
+    assert [r["lr"] for r in records(run_dir, "step")] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+
+
+def test_augmentation_is_seeded_by_sample_position(digits_folder):
+    cfg = RunConfig(data="folder", data_dir=str(digits_folder), num_classes=10, image_size=32, augment="standard")
+    dataset = training_dataset(cfg)
+    first, again, elsewhere = dataset[(5, 100)], dataset[(5, 100)], dataset[(5, 101)]
+    assert torch.equal(first[0], again[0]) and first[1] == again[1] == 0
+    assert not torch.equal(first[0], elsewhere[0])  # another position draws another crop
+    plain = training_dataset(cfg.replace(augment="none"))[(5, 100)]
+    assert not torch.equal(first[0], plain[0]) and first[0].shape == plain[0].shape == (3, 32, 32)
+
+
+def test_augmented_n_workers_equal_one_worker(digits_folder, tmp_path):
+    """As in test_training: BatchNorm frozen, NCHW, float32 summation order only."""
+    base = RunConfig(device="cpu", data="folder", data_dir=str(digits_folder), num_classes=10, image_size=32,
+                     augment="standard", batchnorm="frozen", channels_last=False, steps=2, lr=0.05,
+                     loader_workers=0, check_every=1)
+    results = {}
+    for workers, batch in ((2, 4), (1, 8)):
+        cfg = base.replace(num_workers=workers, batch_size_per_worker=batch, run_dir=str(tmp_path / f"w{workers}"))
+        with Orchestrator(cfg, progress=False) as orch:
+            losses = [m.loss for m in orch.train()]
+            results[workers] = (flat_state(orch.state()), losses)
+    (two, two_losses), (one, one_losses) = results[2], results[1]
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+
+
+def _digits_subset(digits_folder, root, classes, images_per_class=None):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for path in sorted((digits_folder / name).iterdir())[:images_per_class]:
+            shutil.copy(path, root / name / path.name)
+    return root
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["val_dir=VAL/none", "eval_every=4"], "val_dir: '{VAL}/none' is invalid: no such directory"),
+    (["val_dir=VAL/empty", "eval_every=4"], "val_dir: '{VAL}/empty' is invalid: it has no class folders"),
+    (["val_dir=VAL/fewer", "eval_every=4"], "its classes differ from data_dir's (val_dir lacks '9')"),
+    (["data_dir=VAL/single", "num_classes=2", "val_fraction=0.5"], "it leaves class '1' (1 images) with none"),
+    (["val_fraction=1.5"], "val_fraction: 1.5 is invalid: must be in (0, 1)"),
+    (["warmup_steps=48"], "warmup_steps: 48 is invalid: must be >= 0 and shorter than the run (steps=48)"),
+    (["lr_schedule=step", "lr_milestones=[30, 10]"], "lr_milestones: [30, 10] is invalid: must be in increasing"),
+    (["lr_schedule=step", "lr_milestones=[10, 48]"], "lr_milestones: [10, 48] is invalid: each must be a step"),
+    (["eval_every=4"], "data: folder needs a held-out set to evaluate"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run_dir(digits_folder, tmp_path, capsys, sets, message):
+    val = tmp_path / "val"
+    (val / "empty").mkdir(parents=True)
+    _digits_subset(digits_folder, val / "fewer", [str(i) for i in range(9)], images_per_class=2)
+    _digits_subset(digits_folder, val / "single", ["0"], images_per_class=3)
+    _digits_subset(digits_folder, val / "single", ["1"], images_per_class=1)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"data: folder\ndata_dir: {digits_folder}\nnum_classes: 10\nsteps: 48\n"
+                      f"run_dir: {tmp_path / 'run'}\n")
+    args = ["train", "--config", str(config)] + [a for s in sets for a in ("--set", s.replace("VAL", str(val)))]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distrib: error: ") and "\n" not in err
+    assert message.replace("{VAL}", str(val)) in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_errors_are_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty-run").mkdir()
+    assert cli.main(["export", str(tmp_path / "empty-run")]) == 2
+    assert "no valid checkpoint in" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    run_dir = tmp_path / "run"
+    with Orchestrator(RunConfig(num_workers=1, device="cpu", batch_size_per_worker=2, image_size=32, num_classes=10,
+                                steps=1, checkpoint_every=1, run_dir=str(run_dir)), progress=False) as orch:
+        orch.train()
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "a-file" / "model.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot be written" in err and "\n" not in err
+    assert cli.main(["export", str(run_dir)]) == 0 and (run_dir / "model.pth").is_file()
