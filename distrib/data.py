@@ -209,6 +209,11 @@ class ShardSource:
         self._loader: Iterator | None = None
         self._next_step = -1
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (dropping the iterator joins them)."""
+        self._loader = None
+        self._next_step = -1
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self._cfg
         if self._dataset is None:
@@ -228,19 +233,28 @@ class ShardSource:
         return (images.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True))
 
 
+EVAL_IN_PROCESS_MAX = 1024
+"""Held-out images per rank up to which they are decoded in the replica's own process."""
+
+
 class HeldOutSource:
     """This rank's slice of the held-out set, in batches on its device (built when first used)."""
 
     def __init__(self, cfg: RunConfig, *, world_rank: int, world_size: int, device: torch.device):
         self._cfg, self._device = cfg, device
-        self._dataset = None if cfg.data == "synthetic" else held_out_dataset(cfg)
-        size = cfg.eval_size if self._dataset is None else len(self._dataset)
+        dataset = None if cfg.data == "synthetic" else held_out_dataset(cfg)
+        size = cfg.eval_size if dataset is None else len(dataset)
         self.indices = eval_slice(size, world_rank=world_rank, world_size=world_size)
+        # Loader processes take longer to start than a small slice takes to decode in this one.
+        workers = cfg.loader_workers if len(self.indices) > EVAL_IN_PROCESS_MAX else 0
+        self._loader = None if dataset is None else torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, list(self.indices)), batch_size=cfg.batch_size_per_worker,
+            num_workers=workers, pin_memory=device.type == "cuda")
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self._cfg
         size = cfg.batch_size_per_worker
-        if self._dataset is None:
+        if self._loader is None:
             for start in range(0, len(self.indices), size):
                 samples = [synthetic_global_batch(seed=cfg.seed, step=HELD_OUT_STREAM + i, global_batch_size=1,
                                                   image_size=cfg.image_size, num_classes=cfg.num_classes,
@@ -248,8 +262,5 @@ class HeldOutSource:
                            for i in self.indices[start:start + size]]
                 yield torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
             return
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(self._dataset, list(self.indices)), batch_size=size,
-            num_workers=cfg.loader_workers, pin_memory=self._device.type == "cuda")
-        for images, targets in loader:
+        for images, targets in self._loader:
             yield images.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True)

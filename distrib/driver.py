@@ -91,8 +91,8 @@ class Orchestrator:
         self.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.shutdown(orderly=exc_type is None)
 
     def start(self) -> None:
         """Open the run directory, place and start the replicas, connect them, and verify
@@ -399,13 +399,14 @@ class Orchestrator:
             say(text)
 
     # ---- shutdown --------------------------------------------------------------------------
-    def shutdown(self) -> None:
-        """Kill the replicas, free their placement group, finish the checkpoint being written
-        and close the run's files; safe to call twice."""
+    def shutdown(self, *, orderly: bool = False) -> None:
+        """Kill the replicas (`orderly`: once they closed their data loaders), free their
+        placement group, finish the checkpoint being written and close the run's files; safe
+        to call twice."""
         if self._closed:
             return
         self._closed = True
         if self._group is not None:
-            self._group.stop()
+            self._group.stop(orderly=orderly)
         if self.rundir is not None:
             self.rundir.close()

@@ -43,6 +43,8 @@ WAIT_SLICE_S = 0.5
 """Waits on replicas are cut into slices this long, and `check_abort` runs between them: a
 signal handler must not raise inside ray.wait (Ray turns that into a SystemError), so it
 only sets a flag, which takes effect within a slice."""
+CLOSE_TIMEOUT_S = 2.0
+"""How long an orderly stop waits for the replicas to close their data loaders."""
 DRAIN_POLL_S = 1.0
 """How often the group asks Ray which nodes are being drained (a preemption notice)."""
 
@@ -265,12 +267,16 @@ class ReplicaGroup:
         return f"{self.name(stuck)} stuck at step {where.step} in {where.phase}{waiting}"
 
     # ---- stop --------------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Kill the replicas and free their placement group; safe to call twice.
+    def stop(self, *, orderly: bool = False) -> None:
+        """Kill the replicas and free their placement group; safe to call twice. `orderly`
+        (after a run that went well) first lets them close their data loaders, for up to
+        CLOSE_TIMEOUT_S.
 
         Killing, not a polite leave of the process group: after a failure a peer may be
         stuck inside a collective, and a polite leave would wait for it."""
         self._stopped.set()
+        if orderly and self._replicas:
+            ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
         for replica in self._replicas:
             try:
                 ray.kill(replica, no_restart=True)

@@ -88,6 +88,12 @@ class Replica:
         """See Trainer.snapshot. Call right after fingerprint, which reconciles buffers."""
         return self._trainer.snapshot()
 
+    def close(self) -> None:
+        """Stop the data loader's processes before the actor is killed: a loader killed with
+        it prints a traceback that reaches the driver's terminal."""
+        if self._trainer is not None:
+            self._trainer.data.close()
+
     @ray.method(concurrency_group="probe")
     def position(self) -> Position:
         """Where the replica is. Runs on its own thread, so it answers while a step hangs;

@@ -26,19 +26,10 @@ def small_cfg(tmp_path) -> RunConfig:
 
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
-    """Real images to learn from: scikit-learn's 1,797 handwritten digits (8x8, 10 classes,
-    shipped inside the package), written out as an ImageFolder of RGB PNGs."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    """Real images to learn from: scikit-learn's digits as an ImageFolder (see tests/digits.py)."""
+    from tests.digits import write_digits
 
-    root = tmp_path_factory.mktemp("digits") / "train"
-    digits = load_digits()
-    for index, (image, target) in enumerate(zip(digits.images, digits.target)):
-        folder = root / str(target)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((image * 255 / 16).astype(np.uint8)).convert("RGB").save(folder / f"{index:04d}.png")
-    return root
+    return write_digits(tmp_path_factory.mktemp("digits") / "train")
 
 
 def pytest_collection_modifyitems(config, items):
