@@ -1,0 +1,217 @@
+"""Synchronized BatchNorm on real gloo process groups: one layer against BatchNorm2d on the
+global batch. The tests spawn 2 or 3 processes that join a real gloo group on 127.0.0.1;
+nothing is mocked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distrib import syncbn
+from distrib.comm import free_port
+
+CHANNELS = 5
+
+
+class Case(NamedTuple):
+    """One layer check: each rank's shard size, the spatial size, and how the layer is run."""
+
+    name: str
+    shard_sizes: tuple[int, ...]
+    spatial: int = 4
+    channels_last: bool = False
+    offset: float = 0.0  # added to the inputs: large offsets test the variance's stability
+    momentum: float | None = 0.1
+    ddp: bool = False  # wrap the layer in DDP and scale the loss by the world size, as the Trainer does
+    dtype: str = "float32"  # of the inputs; float64 parameters too, bfloat16 with float32 ones (autocast)
+
+
+def global_inputs(case: Case) -> dict[str, torch.Tensor]:
+    """The global batch, upstream gradient, layer parameters and starting running stats; the
+    same on every process (seeded)."""
+    gen = torch.Generator().manual_seed(7)
+    batch, size, dtype = sum(case.shard_sizes), case.spatial, getattr(torch, case.dtype)
+    return {
+        "x": (torch.randn(batch, CHANNELS, size, size, generator=gen) * 3 + case.offset).to(dtype),
+        "grad_out": torch.randn(batch, CHANNELS, size, size, generator=gen).to(dtype),
+        "weight": torch.rand(CHANNELS, generator=gen) + 0.5,
+        "bias": torch.randn(CHANNELS, generator=gen),
+        "running_mean": torch.randn(CHANNELS, generator=gen),
+        "running_var": torch.rand(CHANNELS, generator=gen) + 0.5,
+    }
+
+
+def make_layer(case: Case, inputs: dict, cls=torch.nn.BatchNorm2d) -> torch.nn.BatchNorm2d:
+    layer = cls(CHANNELS, momentum=case.momentum, dtype=torch.float64 if case.dtype == "float64" else None)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(layer, name).copy_(inputs[name])
+    return layer.to(memory_format=torch.channels_last) if case.channels_last else layer
+
+
+def run_on_rank(case: Case, rank: int) -> dict[str, torch.Tensor]:
+    """Forward and backward of this rank's shard through a converted layer; what it ends with."""
+    inputs = global_inputs(case)
+    start = sum(case.shard_sizes[:rank])
+    rows = slice(start, start + case.shard_sizes[rank])
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    x = inputs["x"][rows].contiguous(memory_format=fmt).requires_grad_()
+    layer = syncbn.convert(make_layer(case, inputs))
+    assert isinstance(layer, syncbn.SyncBatchNorm2d)
+    module = torch.nn.parallel.DistributedDataParallel(layer) if case.ddp else layer
+    out = module(x)
+    loss = (out * inputs["grad_out"][rows]).sum()
+    (loss * dist.get_world_size() if case.ddp else loss).backward()
+    return {"out": out.detach(), "grad_x": x.grad, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
+            "running_mean": layer.running_mean, "running_var": layer.running_var,
+            "num_batches_tracked": layer.num_batches_tracked, "channels_last": torch.tensor(
+                out.is_contiguous(memory_format=torch.channels_last))}
+
+
+def layer_worker(rank: int, world_size: int, port: int, out_dir: str, cases: list[Case]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        for case in cases:
+            torch.save(run_on_rank(case, rank), Path(out_dir) / f"{case.name}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def reference(case: Case) -> dict[str, torch.Tensor]:
+    """Plain BatchNorm2d, training mode, on the concatenated global batch."""
+    inputs = global_inputs(case)
+    layer = make_layer(case, inputs)
+    x = inputs["x"].clone().requires_grad_()
+    out = layer(x)
+    (out * inputs["grad_out"]).sum().backward()
+    return {"out": out.detach(), "grad_x": x.grad, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
+            "running_mean": layer.running_mean, "running_var": layer.running_var,
+            "num_batches_tracked": layer.num_batches_tracked}
+
+
+LAYER_CASES = {
+    2: [Case("even", (4, 4)), Case("channels_last", (3, 3), channels_last=True),
+        Case("batch_one", (1, 1)), Case("batch_one_1x1", (1, 1), spatial=1, momentum=None),
+        Case("uneven", (1, 5)), Case("offset", (4, 4), offset=1000.0),
+        Case("ddp", (3, 3), ddp=True), Case("ddp_channels_last", (2, 2), channels_last=True, ddp=True),
+        Case("float64", (2, 3), dtype="float64", ddp=True), Case("bfloat16", (4, 4), dtype="bfloat16")],
+    3: [Case("even", (2, 2, 2), channels_last=True), Case("batch_one_1x1", (1, 1, 1), spatial=1),
+        Case("uneven", (2, 1, 3)), Case("ddp", (1, 2, 1), ddp=True)],
+}
+"""Batch one at 1x1 is the hard edge: one value per channel on a rank (no local variance),
+as in resnet18's last stage at 32 px with one image per worker."""
+
+
+@pytest.fixture(scope="module")
+def layer_results(tmp_path_factory) -> dict[tuple[int, str], list[dict]]:
+    """Every case of LAYER_CASES run once on a real gloo group of its size (one spawn per size)."""
+    results = {}
+    for world_size, cases in LAYER_CASES.items():
+        out_dir = tmp_path_factory.mktemp(f"syncbn-{world_size}")
+        mp.spawn(layer_worker, args=(world_size, free_port(), str(out_dir), cases), nprocs=world_size)
+        for case in cases:
+            results[world_size, case.name] = [torch.load(out_dir / f"{case.name}-{r}.pt") for r in range(world_size)]
+    return results
+
+
+@pytest.mark.parametrize(("world_size", "case"), [(w, c) for w, cases in LAYER_CASES.items() for c in cases],
+                         ids=lambda v: str(v) if isinstance(v, int) else v.name)
+def test_layer_matches_batchnorm2d_on_the_global_batch(layer_results, world_size, case):
+    """Outputs, grad_input, grad_weight, grad_bias and running stats of the synchronized layer on
+    the shards equal BatchNorm2d's on the whole batch, to rounding: both compute the same
+    quantities, summed in a different order. float32: rtol 1e-5 on values of order 1 (with
+    the 1000 offset the inputs themselves carry float32 rounding of 6e-5, hence atol 1e-3
+    there); float64: 1e-12, so the maths is exact; bfloat16 (autocast's inputs, float32
+    parameters): 2e-2, bfloat16's own rounding (8 bits of mantissa)."""
+    ranks, ref = layer_results[world_size, case.name], reference(case)
+    close = {"float64": dict(rtol=1e-12, atol=1e-12), "bfloat16": dict(rtol=2e-2, atol=2e-2),
+             "float32": dict(rtol=1e-5, atol=1e-3 if case.offset else 2e-5)}[case.dtype]
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), ref["out"], **close)
+    # grad_input is the gradient of the sum of all ranks' losses; DDP's case scales each loss by W.
+    scale = world_size if case.ddp else 1
+    torch.testing.assert_close(torch.cat([r["grad_x"] for r in ranks]), ref["grad_x"] * scale, **close)
+    if case.ddp:  # DDP averaged each rank's share: every rank holds the global gradient
+        weight_grads, bias_grads = [r["grad_weight"] for r in ranks], [r["grad_bias"] for r in ranks]
+    else:  # each rank holds its own share; they add up to the global gradient
+        weight_grads = [sum(r["grad_weight"] for r in ranks)]
+        bias_grads = [sum(r["grad_bias"] for r in ranks)]
+    for grad in weight_grads:
+        torch.testing.assert_close(grad, ref["grad_weight"], **close)
+    for grad in bias_grads:
+        torch.testing.assert_close(grad, ref["grad_bias"], **close)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(ranks[0][name], ref[name], rtol=1e-5,
+                                   atol=1e-3 if case.dtype == "bfloat16" else 1e-6)
+        for other in ranks[1:]:  # identical bits on every rank: no averaging needed, none hidden
+            assert torch.equal(other[name], ranks[0][name]), name
+    if case.channels_last:  # the layout is kept (a 1x1 tensor is both layouts at once)
+        assert all(bool(r["channels_last"]) for r in ranks)
+
+
+def test_without_a_group_it_is_batchnorm2d_bit_for_bit():
+    """World size 1 (no process group here): the plain BatchNorm2d path, in train and eval mode."""
+    case = Case("alone", (6,), channels_last=True)
+    inputs = global_inputs(case)
+    plain, synced = make_layer(case, inputs), syncbn.convert(make_layer(case, inputs))
+    assert syncbn.group_size() == 1 and isinstance(synced, syncbn.SyncBatchNorm2d)
+    for train in (True, False):
+        plain.train(train), synced.train(train)
+        x = inputs["x"].contiguous(memory_format=torch.channels_last)
+        assert torch.equal(synced(x), plain(x))
+    assert torch.equal(synced.running_var, plain.running_var)
+
+
+def test_convert_keeps_the_same_tensors_and_keys():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    before = dict(model.state_dict(keep_vars=True))
+    converted = syncbn.convert(model)
+    layers = [m for m in converted.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert converted is model and len(layers) == 20
+    assert all(isinstance(m, syncbn.SyncBatchNorm2d) for m in layers)
+    after = converted.state_dict(keep_vars=True)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+# ---- the NCCL path, on one GPU (skipped without CUDA) ------------------------------------------
+GPU_CASES = [Case("cuda_fp32", (6,), channels_last=True), Case("cuda_bf16", (6,), dtype="bfloat16")]
+
+
+def gpu_worker(rank: int, port: int, out_dir: str) -> None:
+    """The synchronized function itself (not the layer, which is plain BatchNorm2d at world size 1)
+    on a one-rank NCCL group: CUDA kernels, NCCL all-reduces, bf16 inputs."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for case in GPU_CASES:
+            inputs = {k: v.cuda() for k, v in global_inputs(case).items()}
+            layer = make_layer(case, inputs).cuda()
+            fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+            x = inputs["x"].contiguous(memory_format=fmt).requires_grad_()
+            out = syncbn.SyncBatchNormFunction.apply(x, layer.weight, layer.bias, layer.running_mean,
+                                                     layer.running_var, case.momentum, layer.eps, None)
+            (out * inputs["grad_out"]).sum().backward()
+            results = {"out": out, "grad_x": x.grad, "grad_weight": layer.weight.grad, "grad_bias": layer.bias.grad,
+                       "running_mean": layer.running_mean, "running_var": layer.running_var}
+            torch.save({k: v.detach().cpu() for k, v in results.items()}, Path(out_dir) / f"{case.name}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_nccl_path_matches_batchnorm2d(tmp_path):
+    mp.spawn(gpu_worker, args=(free_port(), str(tmp_path)), nprocs=1)
+    for case in GPU_CASES:
+        ours, ref = torch.load(tmp_path / f"{case.name}.pt"), reference(case)
+        tol = 2e-2 if case.dtype == "bfloat16" else 1e-4
+        for name, value in ours.items():
+            torch.testing.assert_close(value.to(ref[name].dtype), ref[name], rtol=tol, atol=tol, msg=name)
+
