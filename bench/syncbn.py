@@ -132,7 +132,7 @@ def print_times(args, per_round: dict[str, list[float]]) -> None:
           f"{args.rounds} rounds of {args.steps} steps:")
     print(f"best step: train {best['train'] * 1e3:.1f} ms, sync {best['sync'] * 1e3:.1f} ms; "
           f"sync / train best against best {best['sync'] / best['train']:.3f}, "
-          f"median of round ratios {ratios[len(ratios) // 2]:.3f}  (target <= 1.10)")
+          f"median of round ratios {statistics.median(ratios):.3f}  (target <= 1.10)")
 
 
 def print_agreement(args, agree: dict[str, tuple[float, float]]) -> None:
