@@ -70,9 +70,13 @@ class RunConfig:
     loss: Literal["cross_entropy", "sum"] = "cross_entropy"
     """`cross_entropy` is averaged over the global batch; `sum` is the tutorial's
     `(prediction - targets).sum()` over the global batch, with uniform targets."""
-    batchnorm: Literal["train", "frozen"] = "train"
-    """`train` normalises with each shard's statistics (standard DDP); `frozen`
-    keeps BatchNorm in eval mode, so the maths does not depend on the sharding."""
+    batchnorm: Literal["train", "frozen", "sync"] = "train"
+    """`train` normalises with each shard's statistics (standard DDP, as torchvision
+    recipes do); `frozen` keeps BatchNorm in eval mode (running statistics, not trained);
+    `sync` normalises with the whole global batch's statistics on any backend
+    (distrib/syncbn.py): N workers then train like 1 worker, at two small all-reduces
+    per BatchNorm layer per step. With `frozen` or `sync` the maths does not depend on
+    the sharding."""
     weights: str = "none"
     """`none` (seeded init), `DEFAULT` (torchvision's pretrained weights) or a .pth path."""
     data: Literal["synthetic", "fake", "folder"] = "synthetic"

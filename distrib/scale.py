@@ -36,7 +36,12 @@ SWEEPABLE = ("num_workers", "batch_size_per_worker", "image_size", "precision", 
 """Run-config keys a sweep may vary; num_workers must be among them."""
 
 BASELINE_KEYS = ("num_workers", "batch_size_per_worker", "image_size")
-"""What the torchrun baseline honours; it keeps its own defaults (fp32, DDP's) for the rest."""
+"""What the torchrun baseline honours; it keeps its own defaults (fp32, DDP's, BatchNorm in
+train mode) for the rest."""
+
+SWEEP_BATCHNORM = "sync"
+"""The batchnorm of a sweep's points unless its base sets one: with synchronized BatchNorm,
+N workers train like 1 worker on the same global batch, so changing N changes only speed."""
 
 
 def _fail(key: str, value: Any, rule: str) -> ConfigError:
@@ -126,7 +131,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not isinstance(base_values, dict):
         raise _fail("base", base_values, "must be a mapping of run-config keys")
     try:
-        base = config.from_dict(base_values)
+        base = config.from_dict({"batchnorm": SWEEP_BATCHNORM, **base_values})
     except ConfigError as err:
         raise ConfigError(f"sweep base.{err}") from None
     values = _swept_values(base, raw.get("sweep"))
@@ -248,7 +253,8 @@ def run_torchrun_point(sweep: SweepConfig, point: dict[str, Any]) -> dict:
         raise RuntimeError(f"torchrun baseline failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return {"images_per_s": result["images_per_s"], "device": "cpu", "device_name": "cpu", "backend": "gloo",
-            "precision": "fp32", "torch_version": torch.__version__, "ray_version": ray.__version__}
+            "precision": "fp32", "batchnorm": "train", "torch_version": torch.__version__,
+            "ray_version": ray.__version__}
 
 
 # ---- the sweep --------------------------------------------------------------------------------
@@ -320,7 +326,7 @@ def _row(sweep: SweepConfig, tool: str, pid: str, point: dict[str, Any], measure
     cfg = sweep.base.replace(**point)
     return {"point_id": pid, "tool": tool, "num_workers": cfg.num_workers,
             "batch_size_per_worker": cfg.batch_size_per_worker, "global_batch_size": cfg.global_batch_size,
-            "image_size": cfg.image_size, "bucket_cap_mb": cfg.bucket_cap_mb,
+            "image_size": cfg.image_size, "batchnorm": cfg.batchnorm, "bucket_cap_mb": cfg.bucket_cap_mb,
             "grad_compression": cfg.grad_compression, "placement_strategy": cfg.placement_strategy,
             "scaling": sweep.scaling, "warmup_steps": sweep.warmup_steps, "timed_steps": sweep.timed_steps,
             **measured}

@@ -18,7 +18,8 @@ import csv
 import json
 from pathlib import Path
 
-_SERIES_KEYS = ("tool", "image_size", "precision", "bucket_cap_mb", "grad_compression", "placement_strategy")
+_SERIES_KEYS = ("tool", "image_size", "batchnorm", "precision", "bucket_cap_mb", "grad_compression",
+                "placement_strategy")
 
 
 def series_key(row: dict, scaling: str) -> tuple:
@@ -37,7 +38,8 @@ def add_efficiency(rows: list[dict], scaling: str) -> list[dict]:
     return rows
 
 
-_CSV_COLUMNS = ("tool", "num_workers", "batch_size_per_worker", "global_batch_size", "image_size", "precision",
+_CSV_COLUMNS = ("tool", "num_workers", "batch_size_per_worker", "global_batch_size", "image_size", "batchnorm",
+                "precision",
                 "bucket_cap_mb", "grad_compression", "placement_strategy", "scaling", "images_per_s", "efficiency",
                 "step_s", "data_s", "forward_s", "backward_s", "backward_compute_s", "exposed_comm_s", "optimizer_s",
                 "driver_overhead_s", "comm_s", "allreduce_bytes", "achieved_busbw_gbps", "microbench_allreduce_s",
@@ -75,7 +77,8 @@ def _label(rows_of_series: list[dict], scaling: str) -> str:
         batch = f"global batch {r['global_batch_size']}"
     else:
         batch = f"batch {r['batch_size_per_worker']}/worker"
-    extra = "" if r["tool"] != "distrib" else f", {r['precision']}, {r['grad_compression']} compression"
+    extra = ("" if r["tool"] != "distrib"
+             else f", {r['precision']}, {r['grad_compression']} compression, batchnorm {r.get('batchnorm', 'train')}")
     return f"{r['tool']}: {r['image_size']} px, {batch}{extra}"
 
 
@@ -173,12 +176,13 @@ def format_table(rows: list[dict]) -> str:
 
     if any(r.get("target_top1") for r in rows):
         return _format_time_to_accuracy(rows)
-    lines = ["| tool | workers | batch/worker | px | images/s | efficiency | step ms | exposed all-reduce ms "
-             "| busbw achieved / microbench GB/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| tool | workers | batch/worker | px | batchnorm | images/s | efficiency | step ms "
+             "| exposed all-reduce ms | busbw achieved / microbench GB/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["tool"] != "distrib", r["tool"], r["image_size"], r["num_workers"])):
         lines.append(f"| {r['tool']} | {r['num_workers']} | {r['batch_size_per_worker']} | {r['image_size']} | "
-                     f"{r['images_per_s']:.1f} | {value(r, 'efficiency', '.3f')} | {value(r, 'step_s', '.1f', 1e3)} | "
+                     f"{r.get('batchnorm', '-')} | {r['images_per_s']:.1f} | {value(r, 'efficiency', '.3f')} | "
+                     f"{value(r, 'step_s', '.1f', 1e3)} | "
                      f"{value(r, 'exposed_comm_s', '.1f', 1e3)} | {value(r, 'achieved_busbw_gbps', '.2f')} / "
                      f"{value(r, 'microbench_busbw_gbps', '.2f')} |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from distrib import comm, evaluation
+from distrib import comm, evaluation, syncbn
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
@@ -71,6 +71,8 @@ class Trainer:
         self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)
+        if cfg.batchnorm == "sync":  # before DDP and the optimizer see the model: same tensors, new layers
+            syncbn.convert(self.model)
         self.model.to(self.device, memory_format=self._memory_format)
         self._set_train_mode()
         self._comm = _AllReduceHook(world_size=self.world_size, dtype=_AMP_DTYPES.get(cfg.grad_compression))
@@ -108,9 +110,10 @@ class Trainer:
                     module.eval()
 
     def _wrap_ddp(self, cfg: RunConfig) -> DistributedDataParallel:
-        # No buffer broadcast at each forward: BatchNorm running stats are averaged over ranks
-        # before every fingerprint and state read instead (see sync_buffers), saving a
-        # collective per step. Newer torch renamed the switch.
+        # No buffer broadcast at each forward: under `train`, BatchNorm running stats are
+        # averaged over ranks before every fingerprint and state read instead (see
+        # sync_buffers), saving a collective per step; under `sync` and `frozen` they are
+        # identical already. Newer torch renamed the switch.
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(
@@ -216,7 +219,8 @@ class Trainer:
         """Time what a step's overlap hides. Collective; leaves the model as it was.
 
         backward_compute_s: forward and backward of `step`'s batch without any all-reduce
-        (DDP's no_sync), median of `repeats`; allreduce_s: one plain all-reduce of a flat
+        (DDP's no_sync; under `batchnorm: sync` the BatchNorm layers' own small all-reduces
+        still run, as they are part of the maths), median of `repeats`; allreduce_s: one plain all-reduce of a flat
         tensor of allreduce_bytes on this group (the microbenchmark), median of `repeats`.
         """
         buffers = [b.clone() for b in self.model.buffers()]
@@ -253,13 +257,17 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def sync_buffers(self) -> None:
-        """Average floating-point buffers (BatchNorm running stats) over ranks. Collective.
+        """Under `batchnorm: train`, average floating-point buffers (BatchNorm running stats)
+        over ranks; otherwise nothing. Collective.
 
         In train mode each rank's running stats follow its own shard; forward never reads them,
         so they are reconciled only where they are observed: fingerprints and saved state.
+        Under `sync` every rank updates them from the same global statistics and under
+        `frozen` they never change, so they must already agree bit for bit: averaging would
+        only hide a divergence from the fingerprints.
         """
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        if self.world_size == 1 or not buffers:
+        if self.cfg.batchnorm != "train" or self.world_size == 1 or not buffers:
             return
         flat = torch.cat([b.reshape(-1) for b in buffers])
         comm.all_reduce_mean_(flat)
@@ -268,7 +276,7 @@ class Trainer:
 
     def state(self) -> dict:
         """Model and optimizer state dicts, copied to the CPU. Call after fingerprint (which
-        reconciles BatchNorm buffers) so every rank would give the same answer."""
+        reconciles BatchNorm buffers under `train`) so every rank would give the same answer."""
         to_cpu = lambda tree: _map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa: E731
         return {"model": to_cpu(self.model.state_dict()), "optimizer": to_cpu(self.optimizer.state_dict())}
 
@@ -301,7 +309,8 @@ class Trainer:
         return tensors
 
     def fingerprint(self) -> list[tuple[str, int]]:
-        """(name, checksum of the raw bits) for every state tensor, after sync_buffers. Collective.
+        """(name, checksum of the raw bits) for every state tensor, after sync_buffers (which
+        averages BatchNorm buffers under `train` only). Collective.
 
         Any change confined to one element of up to 4 bytes always changes the checksum
         (see _host_checksum, _device_checksum); several changes cancelling out is vanishingly unlikely.
