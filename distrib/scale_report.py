@@ -82,12 +82,14 @@ def _label(rows_of_series: list[dict], scaling: str) -> str:
     return f"{r['tool']}: {r['image_size']} px, {batch}{extra}"
 
 
-def _save_line_plot(fig, ax, path: Path, worker_ticks: list[int]) -> None:
+def _save_line_plot(fig, axes, path: Path, worker_ticks: list[int]) -> None:
+    """Worker ticks, legend and grid on each of `axes` (one or several), then the PNG."""
     import matplotlib.pyplot as plt
 
-    ax.set_xticks(worker_ticks)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    for ax in axes if isinstance(axes, tuple) else (axes,):
+        ax.set_xticks(worker_ticks)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,13 +138,7 @@ def _plot_time_to_accuracy(path: Path, series: dict[tuple, list[dict]], scaling:
     target = next(r["target_top1"] for rs in series.values() for r in rs)
     left.set(xlabel="workers", ylabel="seconds", title=f"Time to top-1 {target:g} (points that missed it left out)")
     right.set(xlabel="workers", ylabel="images/s", title="Throughput")
-    for ax in (left, right):
-        ax.set_xticks(worker_ticks)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_line_plot(fig, (left, right), path, worker_ticks)
 
 
 _BREAKDOWN_PARTS = (("data_s", "data"), ("forward_s", "forward"), ("backward_compute_s", "backward compute"),
