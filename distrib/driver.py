@@ -30,7 +30,7 @@ import ray
 
 from distrib import cadence, comm, faults, folders
 from distrib.config import RunConfig
-from distrib.errors import DivergenceError, ReplicaError, StoppedAtOnce
+from distrib.errors import ConfigError, DivergenceError, ReplicaError, StoppedAtOnce
 from distrib.group import ReplicaGroup, cluster_gpus, connect_ray
 from distrib.hang import HangLimit
 from distrib.metrics import EvalMetrics, StepMetrics, aggregate, combine_evals, format_summary, summarize
@@ -296,6 +296,8 @@ class Orchestrator:
 
     def evaluate(self) -> EvalMetrics:
         """Evaluate the held-out set now, after step_count steps, and record it like a scheduled one."""
+        if self.cfg.data == "folder" and not (self.cfg.val_dir or self.cfg.val_fraction):
+            raise ConfigError("evaluate: data: folder has no held-out set; set val_dir or val_fraction")
         call = _Call("eval", self.step_count, 0, self._group.call("evaluate"))
         self._finish_eval(call, time.perf_counter(), queued_to=self.step_count - 1)
         return self.evals[-1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 
-from distrib import Orchestrator, RunConfig, cli
+from distrib import ConfigError, Orchestrator, RunConfig, cli
 from distrib.data import training_dataset
 from distrib.model import load_weights
 from distrib.schedule import lr_at
@@ -131,6 +131,8 @@ def test_augmented_n_workers_equal_one_worker(digits_folder, tmp_path):
         with Orchestrator(cfg, progress=False) as orch:
             losses = [m.loss for m in orch.train()]
             results[workers] = (flat_state(orch.state()), losses)
+            with pytest.raises(ConfigError, match="data: folder has no held-out set; set val_dir or val_fraction"):
+                orch.evaluate()
     (two, two_losses), (one, one_losses) = results[2], results[1]
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     for name in one:

@@ -27,9 +27,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def stop_cfg(run_dir: Path, **changes) -> RunConfig:
-    """Steps long enough (40) that a signal sent after a few of them lands mid-run."""
+    """Steps long enough (40) that a signal sent after a few of them lands mid-run.
+
+    batchnorm: sync, so that BatchNorm's running statistics are the same on every rank: under
+    `train` a stop between two checks averages them at a step where the uninterrupted run does
+    not, and they then agree only to float32 rounding (see README, "Stopping a run")."""
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
-                     steps=40, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0,
+                     steps=40, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0, batchnorm="sync",
                      run_dir=str(run_dir)).replace(**changes)
 
 
