@@ -85,14 +85,15 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     boundary and moves to a spare node before the node goes; then the node is removed."""
     from ray.core.generated import autoscaler_pb2
 
-    # batchnorm: sync, as in test_stop.py: the snapshot falls between two checks
-    with Orchestrator(node_cfg(tmp_path / "ref", batchnorm="sync"), progress=False) as orch:
+    # batchnorm: sync, as in test_stop.py: the snapshot falls between two checks. 40 steps: the
+    # drain is polled once a second, and the run must still be going when it is seen.
+    with Orchestrator(node_cfg(tmp_path / "ref", batchnorm="sync", steps=40), progress=False) as orch:
         orch.train()
         uninterrupted = flat_state(orch.state())
     cluster.add_node(num_cpus=1)  # a third node to move to (SPREAD may also have used it from the start)
     cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
-    with Orchestrator(node_cfg(run_dir, checkpoint_every=100, batchnorm="sync"), progress=False) as orch:
+    with Orchestrator(node_cfg(run_dir, checkpoint_every=100, batchnorm="sync", steps=40), progress=False) as orch:
         training = Training(orch)
         training.start()
         deadline = time.monotonic() + 120
@@ -115,7 +116,7 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     assert "node being drained by Ray (a preemption notice)" in event["cause"] and event["ranks"] == [1]
     assert event["restored_step"] == event["step"] + 1  # the snapshot was taken at the step reached
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(8))  # each step once: nothing redone
+    assert steps == list(range(40))  # each step once: nothing redone
 
 
 def test_lost_node_without_capacity_ends_clearly(cluster, tmp_path):
