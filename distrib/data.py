@@ -129,8 +129,9 @@ def split_held_out(targets: list[int], *, fraction: float, seed: int) -> tuple[l
 
 
 class _Augmented(torch.utils.data.Dataset):
-    """Items are (index, position): the dataset's image `index`, transformed with torch's RNG
-    seeded by (seed, position) when `seeded`, so augmentation depends on nothing else."""
+    """Items are (index, position): the dataset's image `index`, transformed (unless `transform`
+    is None) with torch's RNG seeded by (seed, position) when `seeded`, so augmentation
+    depends on nothing else."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, transform, *, seed: int, seeded: bool):
         self._dataset, self._transform, self._seed, self._seeded = dataset, transform, seed, seeded
@@ -141,6 +142,8 @@ class _Augmented(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]):
         index, position = item
         image, target = self._dataset[index]
+        if self._transform is None:  # None, not a lambda: loader processes started by spawn pickle this
+            return image, target
         if not self._seeded:
             return self._transform(image), target
         with torch.random.fork_rng(devices=[]):
@@ -151,8 +154,7 @@ class _Augmented(torch.utils.data.Dataset):
 def training_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
     """The map-style dataset for data: fake | folder; items (index, position) -> (image, class)."""
     if cfg.data == "fake":
-        return _Augmented(_fake(cfg, size=cfg.dataset_size, offset=cfg.seed), lambda image: image,
-                          seed=cfg.seed, seeded=False)
+        return _Augmented(_fake(cfg, size=cfg.dataset_size, offset=cfg.seed), None, seed=cfg.seed, seeded=False)
     if cfg.data != "folder":
         raise ValueError(f"no dataset for data: {cfg.data}")
     folder = torchvision.datasets.ImageFolder(cfg.data_dir)

@@ -193,8 +193,7 @@ class Trainer:
                                            device=self.device)
         self.position = Position(self.next_step - 1, "eval")
         saved = [buffer.clone() for buffer in self.model.buffers()]
-        if self.cfg.batchnorm == "train":
-            self.sync_buffers()
+        self.sync_buffers()
         self.model.eval()
         try:
             return evaluation.evaluate(self.model, self._held_out.batches(), amp_dtype=self._amp_dtype,
