@@ -95,8 +95,8 @@ def _exit_code(signal_name: str) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from distrib.cluster import connect_ray
     from distrib.driver import Orchestrator
-    from distrib.group import connect_ray
 
     if args.resume:
         if args.config:
@@ -158,7 +158,7 @@ def _newest(orch) -> str:
 
 
 def _seed_step(args: argparse.Namespace) -> int:
-    from distrib.group import connect_ray
+    from distrib.cluster import connect_ray
     from distrib.tutorial import seed_step
 
     connect_ray(args.address)
@@ -171,7 +171,7 @@ def _seed_step(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from distrib.group import connect_ray
+    from distrib.cluster import connect_ray
     from distrib.scale import load_sweep, run_sweep
     from distrib.scale_report import format_table
 

@@ -80,6 +80,18 @@ def init_process_group(*, backend: str, master_addr: str, master_port: int,
     )
 
 
+def leave_process_group() -> None:
+    """Leave the default process group if in one, closing its connections (gloo: peers blocked in
+    a collective with this process fail at once). Errors of a group already broken are ignored."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as err:  # a broken group may fail its own teardown; it is gone either way
+            log.warning("leaving the process group: %s", err)
+
+
 def world_size() -> int:
     """The group's size, or 1 without a process group (so the maths runs in a plain process)."""
     import torch.distributed as dist

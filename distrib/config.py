@@ -134,7 +134,19 @@ class RunConfig:
     keep_checkpoints: int = 2
     """Checkpoint files kept on disk (the newest ones)."""
     max_restarts: int = 3
-    """Times the driver rebuilds the group after a lost or hung replica before giving up."""
+    """Recoveries (heals and restarts) after a lost, stalled or failed replica before giving up."""
+    recovery: Literal["heal", "restart"] = "heal"
+    """`heal`: the surviving replicas keep their state and their place; only the lost ranks are
+    replaced (by a hot spare, else a fresh actor) and filled from a healthy peer; no finished
+    step is redone. A heal that cannot be done (no survivor) falls back to a restart.
+    `restart`: replace the whole group and go back to the newest snapshot (steps since redone)."""
+    spare_workers: int = 0
+    """Hot spares: actors placed and started ahead with the model built, outside the process
+    group, that replace a lost rank in a heal without an actor start (one bundle each)."""
+    stall_timeout_s: float = 3.0
+    """A rank that stays at one step and phase this long while a peer has moved on is called
+    stalled and replaced (once a few steps are timed: at least 3 x the median step); 0 = off.
+    The derived hang limit stays the backstop for a whole group that stops."""
     faults: str = ""
     """Faults to inject, e.g. `kill:1@5, stall:0@8` (rank@step); see distrib/faults.py."""
     start_timeout_s: float = 120.0
@@ -203,6 +215,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = never)")
     _rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
+    _rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
+    _rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")
     _rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
     _rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
     _rule(cfg.stop_grace_s > 0, "stop_grace_s", cfg.stop_grace_s, "must be > 0")

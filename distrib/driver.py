@@ -28,16 +28,18 @@ from typing import Literal
 
 import ray
 
-from distrib import cadence, comm, faults, folders
+from distrib import cadence, comm, faults, folders, recovery
+from distrib.cluster import cluster_gpus, connect_ray
 from distrib.config import RunConfig
-from distrib.errors import ConfigError, DivergenceError, ReplicaError, StoppedAtOnce
-from distrib.group import ReplicaGroup, cluster_gpus, connect_ray
+from distrib.errors import ConfigError, DivergenceError, ReplicaError
+from distrib.group import ReplicaGroup
 from distrib.hang import HangLimit
 from distrib.metrics import EvalMetrics, StepMetrics, aggregate, combine_evals, format_summary, summarize
 from distrib.progress import Progress, say
-from distrib.protocol import Fingerprint, NodeInfo, first_difference
+from distrib.protocol import PHASES, Fingerprint, NodeInfo, first_difference
 from distrib.rundir import RunDir
 from distrib.schedule import lr_at
+from distrib.stopping import StopRequest
 
 CallKind = Literal["steps", cadence.BoundaryCall]
 
@@ -56,9 +58,11 @@ class _Call:
 class Orchestrator:
     """Runs one training run on a group of Replica actors; use it as a context manager.
 
-    When a replica dies or hangs, the driver tears the group down, starts a fresh one
-    (new placement, new rendezvous), restores the newest snapshot and goes on, up to
-    cfg.max_restarts times; the finished run is bit-identical to an uninterrupted one.
+    When a replica dies, stalls or fails, the driver heals the group (recovery.py): the
+    survivors keep their state, the lost ranks are replaced and filled from a survivor,
+    and the interrupted step runs again; where that cannot be done (or under `recovery:
+    restart`) it starts a fresh group from the newest snapshot. Up to cfg.max_restarts
+    recoveries; the finished run is bit-identical to an uninterrupted one.
     Shutdown (killing the replicas, freeing their placement group, closing files) is
     idempotent and happens on errors and Ctrl-C as well.
     """
@@ -73,16 +77,15 @@ class Orchestrator:
         self.history: list[StepMetrics] = []
         self.evals: list[EvalMetrics] = []
         self.checks_passed = 0
-        self.restarts = 0
         self.rundir: RunDir | None = None
         self._group: ReplicaGroup | None = None
         self._weights_ref: ray.ObjectRef | None = None
         self._faults: list[faults.Fault] = []
         self._hang_limit: HangLimit | None = None
-        self._stop_deadline: float | None = None
-        self.stopped_by: str | None = None
-        """Why the run was asked to stop early (e.g. 'SIGTERM'); None while it may run on."""
-        self._abort_by: str | None = None
+        self._recoveries: recovery.RecoveryLog | None = None
+        self._formed_at_step = 0
+        """The step at which the group was last formed: no stall watch on its first call."""
+        self._stop = StopRequest(cfg.stop_grace_s)
         self._training = False
         self._closed = False
 
@@ -107,6 +110,7 @@ class Orchestrator:
                 self.rundir = RunDir.create(cfg)
             self.cfg = self.rundir.cfg
             self._hang_limit = HangLimit(self.cfg)
+            self._recoveries = recovery.RecoveryLog(self.rundir.record_event, max_restarts=self.cfg.max_restarts)
             self.rundir.write_json("classes.json", folders.class_names(self.cfg))
             snapshot = self.rundir.snapshot
             self.step_count = snapshot.step if snapshot else 0
@@ -127,12 +131,18 @@ class Orchestrator:
     def _start_group(self) -> None:
         """A fresh group at step_count, from the newest snapshot (if any), verified identical."""
         snapshot = self.rundir.snapshot
-        self._group = ReplicaGroup(self.cfg, say=self._say, check_abort=self._check_abort,
-                                   wait_deadline=lambda: self._stop_deadline)
+        self._group = ReplicaGroup(self.cfg, say=self._say, check_abort=self._stop.check_abort,
+                                   wait_deadline=lambda: self._stop.deadline)
         self._group.start(weights=self._weights_ref, snapshot=ray.put(snapshot.payload) if snapshot else None,
                           first_step=self.step_count,
                           faults=[f for f in self._faults if f.step >= self.step_count])
+        self._formed_at_step = self.step_count
         self.check_consistency()
+
+    @property
+    def restarts(self) -> int:
+        """Recoveries so far (heals and restarts)."""
+        return self._recoveries.count if self._recoveries is not None else 0
 
     @property
     def replicas(self) -> list:
@@ -158,17 +168,12 @@ class Orchestrator:
         A second request, or one before training began, abandons whatever the driver waits on
         within half a second: it raises StoppedAtOnce there. Returns whether this request stops
         gracefully. Safe to call from a signal handler (it only sets flags) or another thread."""
-        if self.stopped_by is None:
-            self.stopped_by = reason
-            self._stop_deadline = time.monotonic() + self.cfg.stop_grace_s
-            if self._training:
-                return True
-        self._abort_by = reason
-        return False
+        return self._stop.request(reason, training=self._training)
 
-    def _check_abort(self) -> None:
-        if self._abort_by is not None:
-            raise StoppedAtOnce(self._abort_by)
+    @property
+    def stopped_by(self) -> str | None:
+        """Why the run was asked to stop early (e.g. 'SIGTERM'); None while it may run on."""
+        return self._stop.reason
 
     def _checkpoint_now(self, *, wait_for_disk: bool) -> None:
         """Check the replicas and save a snapshot at step_count, unless one is there already."""
@@ -203,7 +208,7 @@ class Orchestrator:
         progress = Progress(total_steps=cfg.steps, steps_done=self.step_count, end_step=end, enabled=self.progress)
         self._training = True
         try:
-            self._check_abort()
+            self._stop.check_abort()
             while True:
                 try:
                     self._run_until(end, progress)
@@ -221,6 +226,7 @@ class Orchestrator:
                     progress.rewind(self.step_count)
         finally:
             self._training = False
+            self._recoveries.flush()  # a recovery with no step after it (the run failed) is still told
             progress.close()
         self.rundir.flush()
         if self.step_count == cfg.steps:
@@ -238,13 +244,17 @@ class Orchestrator:
             if not queue:
                 return
             call = queue.popleft()
-            # step=: the last step handed out, which is what a failure may have reached.
-            if call.kind == "steps":
-                last_done = self._finish_steps(call, last_done, queued_to=next_step - 1, progress=progress)
-            elif call.kind == "eval":  # not training: the next step's wall time starts after it
-                last_done = self._finish_eval(call, last_done, queued_to=next_step - 1)
-            else:
-                self._finish_check(call, queued_to=next_step - 1)
+            try:  # queued_to: the last step handed out, which is what a failure may have reached
+                if call.kind == "steps":
+                    last_done = self._finish_steps(call, last_done, queued_to=next_step - 1, progress=progress)
+                elif call.kind == "eval":  # not training: the next step's wall time starts after it
+                    last_done = self._finish_eval(call, last_done, queued_to=next_step - 1)
+                else:
+                    self._finish_check(call, queued_to=next_step - 1)
+            except ReplicaError as err:  # the recovery consumes what is still queued
+                err.outstanding = [(rank, ref) for c in (call, *queue) for rank, ref in enumerate(c.refs)]
+                err.outstanding += [(0, c.snapshot_ref) for c in (call, *queue) if c.snapshot_ref is not None]
+                raise
 
     def _queue(self, queue: deque[_Call], next_step: int, end: int) -> int:
         """Queue one call of steps from `next_step`, then the checks, checkpoint or evaluation
@@ -267,19 +277,26 @@ class Orchestrator:
         what = f"step {call.first_step}" if call.num_steps == 1 else f"steps {call.first_step}-{last_step}"
         if queued_to > last_step:
             what += f" (steps up to {queued_to} queued)"
-        records = self._group.wait(call.refs, what, self._hang_limit.limit_s(call.num_steps), step=queued_to)
+        stall_after_s = self._hang_limit.stall_limit_s() if call.first_step > self._formed_at_step else None
+        records = self._group.wait(call.refs, what, self._hang_limit.limit_s(call.num_steps), step=queued_to,
+                                   stall_after_s=stall_after_s)
         now = time.perf_counter()
         wall_s = (now - last_done) / call.num_steps
         self._hang_limit.record(wall_s, call.num_steps)
         for i in range(call.num_steps):
-            metrics = aggregate(step=call.first_step + i, rank_records=[r[i] for r in records],
-                                loss_kind=self.cfg.loss, global_batch_size=self.cfg.global_batch_size,
-                                wall_s=wall_s, finished_at=time.time(), lr=lr_at(self.cfg, call.first_step + i))
-            self.history.append(metrics)
-            self.rundir.write_metrics(metrics)
+            metrics = self._record_step(call.first_step + i, [r[i] for r in records], wall_s)
         self.step_count = last_step + 1
+        self._recoveries.step_finished(metrics.finished_at)
         progress.advance(call.num_steps, self.step_count, metrics)
         return now
+
+    def _record_step(self, step: int, rank_records: list, wall_s: float) -> StepMetrics:
+        metrics = aggregate(step=step, rank_records=rank_records, loss_kind=self.cfg.loss, wall_s=wall_s,
+                            global_batch_size=self.cfg.global_batch_size, finished_at=time.time(),
+                            lr=lr_at(self.cfg, step))
+        self.history.append(metrics)
+        self.rundir.write_metrics(metrics)
+        return metrics
 
     def _finish_eval(self, call: _Call, started: float, *, queued_to: int) -> float:
         """Wait for an evaluation queued after step first - 1, record it; returns when it finished."""
@@ -320,38 +337,60 @@ class Orchestrator:
         """Snapshot at the step boundary reached, then move the group off the nodes Ray is
         draining (a preemption notice) before they go: a restart from that snapshot, so no
         step is redone."""
-        ranks = self._group.draining_ranks()
         self._checkpoint_now(wait_for_disk=False)
-        deadlines = [d for d in ranks.values() if d]
-        notice = f", {min(deadlines) / 1e3 - time.time():.0f} s before its deadline" if deadlines else ""
-        self._recover(ReplicaError(f"{self._group.name(sorted(ranks))}: node being drained by Ray (a preemption "
-                                   f"notice){notice}", ranks=sorted(ranks), step=self.step_count - 1))
+        self._recover(self._group.drain_error(step=self.step_count - 1), rebuild=True)
 
-    def _recover(self, err: ReplicaError) -> None:
-        """Replace the whole group and go back to the newest snapshot (or step 0), or give up."""
+    def _recover(self, err: ReplicaError, *, rebuild: bool = False) -> None:
+        """Heal the group, or (`rebuild`, recovery: restart, or no heal possible) replace it and
+        go back to the newest snapshot; or give up: out of restarts, or a deterministic failure."""
         cfg = self.cfg
-        if self.restarts >= cfg.max_restarts:
-            raise ReplicaError(f"{err} (no restarts left: max_restarts={cfg.max_restarts})",
-                               ranks=err.ranks, step=err.step) from err
-        self.restarts += 1
-        detected_at = time.time()
-        last_progress_at = self.history[-1].finished_at if self.history else None
-        nodes = self._group.nodes
-        lost_nodes = sorted({nodes[r].node for r in err.ranks if r < len(nodes)})
-        restore_step = self.rundir.snapshot.step if self.rundir.snapshot else 0
-        self._say(f"restart {self.restarts}/{cfg.max_restarts}: {err}; going back to step {restore_step}")
-        self._group.stop()
+        try:
+            self._recoveries.admit(err, step=self.step_count)
+        except ReplicaError:
+            self._group.consume([ref for _, ref in err.outstanding], recovery.DRAIN_TIMEOUT_S)
+            raise
+        event = recovery.failure_event(err, number=self.restarts, step=self.step_count, nodes=self._group.nodes,
+                                       last_progress_at=self.history[-1].finished_at if self.history else None)
         if err.step is not None:  # a fault is spent once its step was handed out: do not re-arm it
-            self._faults = [f for f in self._faults if f.step > err.step]
+            self._faults = [f for f in self._faults if f.step > err.step or f.kind == "error"]
+        if cfg.recovery == "heal" and not rebuild:
+            self._say(f"recovery {self.restarts}/{cfg.max_restarts}: {err}; healing at step {self.step_count}")
+            try:
+                return self._heal(err, event)
+            except ReplicaError as heal_err:
+                self._say(f"heal failed: {heal_err}; restarting the group")
+        self._restart(err, event)
+
+    def _heal(self, err: ReplicaError, event: dict) -> None:
+        healed = recovery.heal(self._group, err, reported_to=self.step_count, faults=self._faults,
+                               timeout_s=self.cfg.start_timeout_s)
+        for step in range(self.step_count, healed.step):  # finished by all before the failure, never reported
+            records = healed.unreported[step]
+            self._record_step(step, records, wall_s=max(sum(r[p] for p in PHASES) for r in records))
+        self.step_count = self._formed_at_step = healed.step
+        started = time.monotonic()
+        self.check_consistency()
+        event["ranks"] = sorted(set(err.ranks) | set(healed.replaced))  # all lost, not only the first seen
+        self._recoveries.recovered({
+            "event": "heal", **event, "replaced": {str(r): how for r, how in healed.replaced.items()},
+            **healed.phases_s, "check_s": time.monotonic() - started, "healed_at": time.time(), "steps_redone": 0})
+
+    def _restart(self, err: ReplicaError, event: dict) -> None:
+        """Replace the whole group and go back to the newest snapshot (or step 0)."""
+        restore_step = self.rundir.snapshot.step if self.rundir.snapshot else 0
+        self._say(f"restart {self.restarts}/{self.cfg.max_restarts}: {err}; going back to step {restore_step}")
+        started = time.monotonic()
+        self._group.stop()
+        self._group.consume([ref for _, ref in err.outstanding], recovery.DRAIN_TIMEOUT_S)
+        redone = self.step_count - restore_step
         self.step_count = restore_step
         self.history = [m for m in self.history if m.step < restore_step]
         self.evals = [m for m in self.evals if m.step < restore_step]
         self.rundir.rewind(restore_step)
         self._start_group()
-        self.rundir.record_event({
-            "event": "restart", "restart": self.restarts, "ranks": err.ranks, "nodes": lost_nodes,
-            "step": err.step, "cause": str(err), "last_progress_at": last_progress_at,
-            "detected_at": detected_at, "restarted_at": time.time(), "restored_step": restore_step})
+        self._recoveries.recovered({
+            "event": "restart", **event, "restarted_at": time.time(), "restored_step": restore_step,
+            "rebuild_s": time.monotonic() - started, "steps_redone": redone})
 
     # ---- checks and reads ------------------------------------------------------------------
     def check_consistency(self) -> None:
@@ -392,6 +431,7 @@ class Orchestrator:
 
     def _write_summary(self) -> None:
         summary = {**self.summary(), "checks_passed": self.checks_passed, "restarts": self.restarts,
+                   **self._recoveries.summary(sum(m.wall_s for m in self.history)),
                    "num_workers": self.cfg.num_workers, "device": self.cfg.device, "backend": self.cfg.backend}
         self.rundir.write_json("summary.json", summary)
         self._say(format_summary(summary))

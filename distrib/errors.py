@@ -24,12 +24,21 @@ class CheckpointError(RuntimeError):
 class ReplicaError(RuntimeError):
     """A replica failed, died or timed out; the message names the ranks, their nodes and the step."""
 
-    def __init__(self, message: str, *, ranks: list[int], step: int | None = None):
+    def __init__(self, message: str, *, ranks: list[int], step: int | None = None, lost: bool = True,
+                 cause: str = ""):
         super().__init__(message)
         self.ranks = ranks
         """World ranks to blame (the dead or stuck ones, not the peers they broke)."""
         self.step = step
         """Last step handed to the replicas when it failed (None outside training)."""
+        self.lost = lost
+        """Whether `ranks` are gone or stuck and must be replaced; False when they raised an error
+        and live on (they left their process group and can join a new one)."""
+        self.cause = cause or message
+        """What went wrong, without names of ranks, nodes or pids: the same failure at the same
+        step gives the same cause, which tells a deterministic failure from a fault."""
+        self.outstanding: list = []
+        """Refs of the calls queued behind the failure, which the recovery must consume."""
 
 
 class ReplicaTimeout(ReplicaError):

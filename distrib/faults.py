@@ -2,10 +2,12 @@
 
 - `kill:R@S`  rank R's process kills itself (SIGKILL) as step S starts: a crash.
 - `stall:R@S` rank R stops making progress as step S starts (sleeps for an hour): a hang.
+- `error:R@S` rank R raises an error every time it starts step S: a deterministic failure,
+  like an out-of-memory error from a batch too large or an unreadable file.
 
-Each fault fires once per run: after a recovery, the driver re-arms only the faults
-past the last step it had handed out, so faults closer together than the steps in
-flight (calls_in_flight x steps_per_call) may not all fire.
+A kill or a stall fires once per run: after a recovery, the driver re-arms only the faults
+past the last step it had handed out, so faults closer together than the steps in flight
+(calls_in_flight x steps_per_call) may not all fire.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from typing import Literal
 
 from distrib.errors import ConfigError
 
-_FAULT = re.compile(r"^(kill|stall):(\d+)@(\d+)$")
+_FAULT = re.compile(r"^(kill|stall|error):(\d+)@(\d+)$")
 
 
 @dataclass(frozen=True)
 class Fault:
-    kind: Literal["kill", "stall"]
+    kind: Literal["kill", "stall", "error"]
     rank: int
     step: int
 
@@ -35,7 +37,7 @@ def parse(text: str, *, num_workers: int) -> list[Fault]:
     for entry in filter(None, (e.strip() for e in text.split(","))):
         match = _FAULT.match(entry)
         if not match:
-            raise ConfigError(f"faults: {entry!r} is invalid: write kill:RANK@STEP or stall:RANK@STEP, "
+            raise ConfigError(f"faults: {entry!r} is invalid: write KIND:RANK@STEP with KIND kill, stall or error, "
                               "comma-separated")
         fault = Fault(kind=match[1], rank=int(match[2]), step=int(match[3]))
         if fault.rank >= num_workers:
@@ -47,6 +49,8 @@ def parse(text: str, *, num_workers: int) -> list[Fault]:
 
 def fire(fault: Fault) -> None:
     """Make this process fail as `fault` says."""
+    if fault.kind == "error":
+        raise RuntimeError(f"injected error at step {fault.step}")
     if fault.kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(3600)

@@ -4,32 +4,43 @@
     group.start(weights=ref, snapshot=None, first_step=0, faults=[])
     refs = group.call("run_steps", 0, 1)        # one call per rank, index = world rank
     records = group.wait(refs, "step 0", timeout_s=30.0, step=0)
+    group.replace([1])                          # a lost rank: a hot spare, or a fresh actor
+    group.reform(state=ref, first_step=1, needs_state=[1], faults=[])
     group.stop()
 
 It knows nothing of steps, snapshots or files: the driver hands it what to call and
 how long to wait. Every wait has a timeout, and every failure it raises names the
 rank, its node and pid: a dead replica is blamed rather than the peers whose
 collective broke with it, and on a timeout a probe on each replica's own thread
-names the one holding the others up.
+names the one holding the others up. While a wait goes on for more than a second,
+the same probes watch for a rank that stalls while its peers have moved on (stall.py).
+
+Placement: one bundle per rank and one per hot spare (`spare_workers`). A spare is
+an actor with its model built, waiting outside the process group; it takes the
+bundle of no rank until it replaces one, and a new spare is then started in the
+bundle the lost rank left.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distrib.cluster import draining_nodes
 from distrib.config import RunConfig
 from distrib.errors import PlacementError, ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
 from distrib.protocol import NodeInfo, Position
 from distrib.replica import CONCURRENCY_GROUPS, Replica
+from distrib.stall import StallProbes
 
 log = logging.getLogger(__name__)
 
@@ -47,36 +58,25 @@ CLOSE_TIMEOUT_S = 2.0
 """How long an orderly stop waits for the replicas to close their data loaders."""
 DRAIN_POLL_S = 1.0
 """How often the group asks Ray which nodes are being drained (a preemption notice)."""
+PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset|Read error|Write error|Broken pipe|"
+                          r"left its process group|NCCL communicator was aborted|remote process exited")
+"""Errors a rank raises because a peer failed (its collective broke), not from a fault of its own."""
 
 
-def connect_ray(address: str | None = None) -> bool:
-    """Join the Ray cluster at `address` (or $RAY_ADDRESS); without one, start a local
-    instance with this machine's CPUs (and GPUs). Returns True when it started a local one."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
-    return True
+@dataclass
+class _Spare:
+    """A hot spare: an actor in its own bundle, whose `prepare` call (`ready`) builds its model."""
 
-
-def cluster_gpus() -> float:
-    """GPUs in the connected Ray cluster (what `device: auto` is resolved against)."""
-    return ray.cluster_resources().get("GPU", 0)
-
-
-def draining_nodes() -> dict[str, int]:
-    """Nodes Ray is draining (preemption, scale-down): node id (hex) -> deadline in ms since the
-    epoch, 0 for none. Ray 2.60 has no public API for it; Ray Train v2 reads this same one."""
-    return ray._private.state.state.get_draining_nodes() or {}
+    actor: ray.actor.ActorHandle
+    bundle: int
+    ready: ray.ObjectRef
 
 
 class ReplicaGroup:
-    """One placement group of Replica actors, rank i in bundle i; start once, stop once.
+    """One placement group of Replica actors and hot spares; start once, stop once.
 
-    A recovery replaces the whole object. `stop` is idempotent and safe after a failed `start`.
+    A heal replaces lost ranks in place (`replace`, then `reform`); a full restart replaces
+    the whole object. `stop` is idempotent and safe after a failed `start`.
     """
 
     def __init__(self, cfg: RunConfig, *, say: Callable[[str], None],
@@ -92,6 +92,10 @@ class ReplicaGroup:
         self._wait_deadline = wait_deadline
         self._placement = None
         self._replicas: list = []
+        self._bundles: list[int] = []
+        """Placement-group bundle of each rank."""
+        self._spares: list[_Spare] = []
+        self._weights: ray.ObjectRef | None = None
         self._nodes: list[NodeInfo] = []
         self._draining: dict[str, int] = {}
         self._stopped = threading.Event()
@@ -109,34 +113,130 @@ class ReplicaGroup:
     # ---- start -------------------------------------------------------------------------------
     def start(self, *, weights: ray.ObjectRef, snapshot: ray.ObjectRef | None, first_step: int,
               faults: list[Fault]) -> None:
-        """Reserve the bundles, start one replica in each, rendezvous, and set every replica up
-        with `weights` and, if given, `snapshot` (taken after `first_step` steps)."""
+        """Reserve the bundles, start one replica in each (ranks first, then spares), rendezvous,
+        and set every rank up with `weights` and, if given, `snapshot` (taken after `first_step`
+        steps). Spares build their models meanwhile; the group does not wait for them."""
         cfg = self.cfg
         self._place()
-        actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)
-        self._replicas = [
-            actor_class.options(
-                num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement,
-                                                                     placement_group_bundle_index=rank),
-            ).remote(world_rank=rank, world_size=cfg.num_workers)
-            for rank in range(cfg.num_workers)
-        ]
+        self._weights = weights
+        self._replicas = [self._new_actor(bundle) for bundle in range(cfg.num_workers)]
+        self._bundles = list(range(cfg.num_workers))
+        for bundle in range(cfg.num_workers, cfg.num_workers + cfg.spare_workers):
+            self._add_spare(bundle)
         self._nodes = self.wait(self.call("node_info"), "start-up", cfg.start_timeout_s)
-        master_addr, master_port = self.wait([self._replicas[0].rendezvous_address.remote()], "rendezvous",
-                                             cfg.start_timeout_s)[0]
-        # Every rank's init must be in flight at once: each blocks until all have joined.
-        self.wait(self.call("setup", cfg, master_addr=master_addr, master_port=master_port, weights=weights,
-                            snapshot=snapshot, first_step=first_step, faults=faults),
-                  "process-group set-up", cfg.start_timeout_s)
+        self.wait(self.call("prepare", cfg, weights=weights), "model set-up", cfg.start_timeout_s)
+        self.reform(state=snapshot, first_step=first_step, needs_state=list(range(cfg.num_workers)),
+                    faults=faults)
         log.info("%d replicas on %s, %s/%s", cfg.num_workers, sorted({n.node for n in self._nodes}),
                  cfg.device, cfg.backend)
         threading.Thread(target=self._watch_drains, name="drain-watch", daemon=True).start()
 
+    def _new_actor(self, bundle: int):
+        cfg = self.cfg
+        actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)
+        return actor_class.options(
+            num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=bundle),
+        ).remote()
+
+    def _add_spare(self, bundle: int) -> None:
+        actor = self._new_actor(bundle)
+        self._spares.append(_Spare(actor, bundle, actor.prepare.remote(self.cfg, weights=self._weights)))
+
+    def reform(self, *, state: ray.ObjectRef | None, first_step: int, needs_state: list[int],
+               faults: list[Fault]) -> None:
+        """Form a new process group of the current ranks: rendezvous on rank 0, then every rank
+        joins at once. The ranks in `needs_state` first load `state` (a snapshot after
+        `first_step` steps; None: they hold the start-up state already) and get `faults`; the
+        others keep their state and faults."""
+        cfg = self.cfg
+        master_addr, master_port = self.wait([self._replicas[0].rendezvous_address.remote()], "rendezvous",
+                                             cfg.start_timeout_s)[0]
+        # Every rank's join must be in flight at once: each blocks until all have joined.
+        refs = [replica.join.remote(world_rank=rank, world_size=cfg.num_workers, master_addr=master_addr,
+                                    master_port=master_port, snapshot=state if rank in needs_state else None,
+                                    first_step=first_step, faults=faults if rank in needs_state else None)
+                for rank, replica in enumerate(self._replicas)]
+        self.wait(refs, "process-group set-up", cfg.start_timeout_s)
+
+    def replace(self, ranks: list[int]) -> dict[int, str]:
+        """Kill `ranks` (lost or stuck) and put a new actor in each place: a ready hot spare, else a
+        fresh actor in the lost rank's bundle (Ray re-places a bundle whose node is gone). A used
+        spare's place is refilled in the background. Returns rank -> 'spare' or 'fresh'."""
+        self.kill(ranks)
+        ready = self._ready_spares()
+        how, freed = {}, []
+        for rank in ranks:
+            if ready:
+                spare = ready.pop(0)
+                self._spares.remove(spare)
+                freed.append(self._bundles[rank])
+                self._replicas[rank], self._bundles[rank] = spare.actor, spare.bundle
+                how[rank] = "spare"
+            else:
+                self._replicas[rank] = self._new_actor(self._bundles[rank])
+                how[rank] = "fresh"
+        fresh = [rank for rank in ranks if how[rank] == "fresh"]
+        self.wait([self._replicas[r].prepare.remote(self.cfg, weights=self._weights) for r in fresh],
+                  "a new replica's set-up", self.cfg.start_timeout_s)
+        infos = self.wait([self._replicas[r].node_info.remote() for r in ranks], "start-up", self.cfg.start_timeout_s)
+        for rank, info in zip(ranks, infos):
+            self._nodes[rank] = info
+        for bundle in freed:
+            self._add_spare(bundle)
+        return how
+
+    def _ready_spares(self) -> list[_Spare]:
+        """Spares whose model is built; spares that failed (their node went) are dropped."""
+        if not self._spares:
+            return []
+        done, _ = ray.wait([s.ready for s in self._spares], num_returns=len(self._spares), timeout=0)
+        ready = []
+        for spare in [s for s in self._spares if s.ready in done]:
+            try:
+                ray.get(spare.ready)
+                ready.append(spare)
+            except ray.exceptions.RayError as err:
+                log.warning("a hot spare failed to start and is dropped: %s", _first_line(err))
+                self._spares.remove(spare)
+        return ready
+
+    @property
+    def spares_ready(self) -> int:
+        """Hot spares whose model is built."""
+        return len(self._ready_spares())
+
+    def kill(self, ranks: list[int]) -> None:
+        """Kill the actors of `ranks` (already dead ones are skipped): their peers' collectives
+        with them fail at once, as their connections close."""
+        for rank in ranks:
+            try:
+                ray.kill(self._replicas[rank], no_restart=True)
+            except Exception:  # already dead
+                pass
+
+    def consume(self, refs: list, timeout_s: float) -> tuple[set, set]:
+        """Wait up to `timeout_s` for `refs` (calls queued behind a failure) and take their
+        results or errors, so that Ray prints no traceback for errors nobody read. Returns
+        the refs that did not finish, and those whose actor died."""
+        refs = [ref for ref in refs if ref is not None]
+        if not refs:
+            return set(), set()
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = set()
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.add(ref)
+            except ray.exceptions.RayError:
+                pass
+        return set(pending), dead
+
     def _watch_drains(self) -> None:
         """Poll Ray for drained nodes of this group until it stops (a thread: no cost to the loop)."""
-        node_ids = {n.node_id for n in self._nodes}
         while not self._stopped.wait(DRAIN_POLL_S):
+            node_ids = {n.node_id for n in self._nodes}
             try:
                 drained = draining_nodes()
             except Exception as err:  # a GCS hiccup: try again at the next poll
@@ -151,6 +251,15 @@ class ReplicaGroup:
             return {}
         return {rank: draining[n.node_id] for rank, n in enumerate(self._nodes) if n.node_id in draining}
 
+    def drain_error(self, *, step: int) -> ReplicaError:
+        """The ReplicaError that moves the group off the nodes being drained (see draining_ranks)."""
+        ranks = self.draining_ranks()
+        deadlines = [d for d in ranks.values() if d]
+        notice = f", {min(deadlines) / 1e3 - time.time():.0f} s before its deadline" if deadlines else ""
+        nodes = sorted({self._nodes[r].node_id for r in ranks})  # the cause: another drain is another failure
+        return ReplicaError(f"{self.name(sorted(ranks))}: node being drained by Ray (a preemption notice){notice}",
+                            ranks=sorted(ranks), step=step, cause=f"nodes drained: {nodes}")
+
     def _bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cfg.cpus_per_worker}
         if self.cfg.device == "cuda":
@@ -160,7 +269,8 @@ class ReplicaGroup:
     def _place(self) -> None:
         """Reserve one bundle per worker; say what is missing while waiting, then fail clearly."""
         cfg, bundle = self.cfg, self._bundle()
-        self._placement = placement_group([bundle] * cfg.num_workers, strategy=cfg.placement_strategy)
+        self._placement = placement_group([bundle] * (cfg.num_workers + cfg.spare_workers),
+                                          strategy=cfg.placement_strategy)
         deadline = time.monotonic() + cfg.start_timeout_s
         ready = self._placement.ready()
         polled = time.monotonic()
@@ -169,12 +279,13 @@ class ReplicaGroup:
             if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
                 continue
             polled = time.monotonic()
-            want = f"{cfg.num_workers} x {bundle} ({cfg.placement_strategy})"
+            spares = f" + {cfg.spare_workers} spare" if cfg.spare_workers else ""
+            want = f"{cfg.num_workers}{spares} x {bundle} ({cfg.placement_strategy})"
             have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
             if time.monotonic() >= deadline:
                 raise PlacementError(
                     f"could not place {want} within {cfg.start_timeout_s:g} s; the cluster has {have} free: "
-                    "lower num_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
+                    "lower num_workers, spare_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
             self._say(f"waiting for resources: {want}; free now: {have}")
 
     # ---- calls and waits ---------------------------------------------------------------------
@@ -190,64 +301,71 @@ class ReplicaGroup:
             return f"rank {rank}"
         return ", ".join(one(r) for r in ranks)
 
-    def wait(self, refs: list[ray.ObjectRef], what: str, timeout_s: float, *, step: int | None = None) -> list:
+    def wait(self, refs: list[ray.ObjectRef], what: str, timeout_s: float, *, step: int | None = None,
+             stall_after_s: float | None = None) -> list:
         """Results of one call per rank (refs[i] is rank i's), failing fast on the first error.
 
         Raises ReplicaTimeout (with a diagnosis of who holds the others up) when not all finish
-        within `timeout_s`, and ReplicaError naming the dead or failed rank otherwise; `step`
-        is carried on the error for the caller's recovery policy.
+        within `timeout_s`, or as soon as a rank has stalled for `stall_after_s` while its peers
+        moved on (None: no stall watch); and ReplicaError naming the dead or failed rank
+        otherwise. `step` is carried on the error for the caller's recovery policy.
         """
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: list = [None] * len(refs)
         started = time.monotonic()
+        watch = StallProbes(self, stall_after_s, started) if stall_after_s else None
         while pending:
             cap = self._wait_deadline()
             remaining_s = min(started + timeout_s, cap if cap is not None else float("inf")) - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(WAIT_SLICE_S, remaining_s)))
             self._check_abort()
+            if watch is not None and not ready:
+                watch.poll(what, step)
             if not ready and remaining_s > WAIT_SLICE_S:
                 continue
             if not ready:
-                ranks = sorted(pending.values())
                 waited_s = time.monotonic() - started
-                raise ReplicaTimeout(f"{what} did not finish within {waited_s:.1f} s: {self.diagnose(ranks)}",
-                                     ranks=ranks, step=step)
+                text, stuck = self.diagnose(sorted(pending.values()))
+                raise ReplicaTimeout(f"{what} did not finish within {waited_s:.1f} s: {text}", ranks=stuck,
+                                     step=step, cause=f"{what} did not finish: stuck")
             rank = pending.pop(ready[0])
             try:
                 results[rank] = ray.get(ready[0])
-            except ray.exceptions.RayActorError as err:
-                raise ReplicaError(f"{self.name([rank])} died during {what}: {_first_line(err)}",
-                                   ranks=[rank], step=step) from err
-            except ray.exceptions.RayTaskError as err:
-                cause = f"{type(err.cause).__name__}: {_first_line(err.cause)}"
-                # A peer's death breaks the collective of the ranks still alive; blame the dead one.
-                dead = self._dead_among(pending)
-                if dead:
-                    raise ReplicaError(f"{self.name(dead)} died during {what} (so {self.name([rank])} "
-                                       f"failed: {cause})", ranks=dead, step=step) from err
-                raise ReplicaError(f"{self.name([rank])} failed during {what}: {cause}",
-                                   ranks=[rank], step=step) from err
+            except ray.exceptions.RayError as err:
+                raise self._blame(rank, err, pending, what, step) from err
         return results
 
-    @staticmethod
-    def _dead_among(pending: dict[ray.ObjectRef, int]) -> list[int]:
-        """Ranks (of `pending`: ref -> rank) whose actor is found dead within DEAD_PEER_GRACE_S."""
-        if not pending:
-            return []
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=DEAD_PEER_GRACE_S)
+    def _blame(self, rank: int, err: ray.exceptions.RayError, pending: dict[ray.ObjectRef, int], what: str,
+               step: int | None) -> ReplicaError:
+        """The error to raise for `rank`'s failed call: a dead peer's death broke the collectives of
+        the ranks still alive, and a rank's own error (not one caused by a peer) breaks its
+        peers' collectives too, so those are blamed, rather than the first rank to report."""
+        if isinstance(err, ray.exceptions.RayActorError):
+            return ReplicaError(f"{self.name([rank])} died during {what}: {_first_line(err)}", ranks=[rank],
+                                step=step, cause="process died")
+        causes = {rank: _cause(err)}
         dead = []
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError:
-                dead.append(pending[ref])
-            except ray.exceptions.RayError:
-                pass
-        return sorted(dead)
+        if pending:
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=DEAD_PEER_GRACE_S)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.append(pending[ref])
+                except ray.exceptions.RayError as other:
+                    causes[pending[ref]] = _cause(other)
+        if dead:
+            dead.sort()
+            return ReplicaError(f"{self.name(dead)} died during {what} (so {self.name([rank])} failed: "
+                                f"{causes[rank]})", ranks=dead, step=step, cause="process died")
+        own = sorted(r for r, cause in causes.items() if not PEER_FAILURE.search(cause)) or [rank]
+        return ReplicaError(f"{self.name(own)} failed during {what}: {causes[own[0]]}", ranks=own, step=step,
+                            lost=False, cause=causes[own[0]])
 
-    def diagnose(self, late_ranks: list[int]) -> str:
+    def diagnose(self, late_ranks: list[int]) -> tuple[str, list[int]]:
         """Name the ranks holding the others up: those that do not answer a probe, else those
-        of `late_ranks` furthest behind (the rest are waiting for them in a collective)."""
+        of `late_ranks` furthest behind (the rest are waiting for them in a collective).
+        Returns the text and those ranks."""
         probes = self.call("position")
         ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_TIMEOUT_S)
         positions: dict[int, Position] = {}
@@ -259,12 +377,12 @@ class ReplicaGroup:
                     pass
         silent = [r for r in range(len(probes)) if r not in positions]
         if silent:
-            return f"{self.name(silent)} did not answer a probe (stopped, frozen or gone)"
+            return f"{self.name(silent)} did not answer a probe (stopped, frozen or gone)", silent
         behind = min(positions[r].progress() for r in late_ranks)
         stuck = [r for r in late_ranks if positions[r].progress() == behind]
         where = positions[stuck[0]]
         waiting = "" if len(stuck) == len(positions) else "; the other ranks are waiting further on"
-        return f"{self.name(stuck)} stuck at step {where.step} in {where.phase}{waiting}"
+        return f"{self.name(stuck)} stuck at step {where.step} in {where.phase}{waiting}", stuck
 
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, *, orderly: bool = False) -> None:
@@ -277,18 +395,24 @@ class ReplicaGroup:
         self._stopped.set()
         if orderly and self._replicas:
             ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
-        for replica in self._replicas:
+        for replica in self._replicas + [spare.actor for spare in self._spares]:
             try:
                 ray.kill(replica, no_restart=True)
             except Exception:  # already dead: nothing left to free
                 pass
-        self._replicas = []
+        self._replicas, self._spares = [], []
         if self._placement is not None:
             try:
                 remove_placement_group(self._placement)
             except Exception:
                 pass
             self._placement = None
+
+
+def _cause(err: ray.exceptions.RayError) -> str:
+    """'Type: first line' of the exception a replica raised."""
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {_first_line(cause)}"
 
 
 def _first_line(err: BaseException) -> str:

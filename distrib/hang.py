@@ -17,6 +17,8 @@ TIMED_WINDOW_STEPS = 50
 """The median is over this many latest steps."""
 MIN_TIMED_CALLS = 3
 """Steps timed before the derived limit replaces step_timeout_s (the first are slow)."""
+STALL_STEPS = 3
+"""A rank is stalled once still for this many median steps (and stall_timeout_s)."""
 
 
 class HangLimit:
@@ -35,3 +37,10 @@ class HangLimit:
             return cfg.step_timeout_s
         derived = cfg.hang_timeout_factor * statistics.median(self._step_walls) * num_steps
         return min(cfg.step_timeout_s, max(cfg.hang_timeout_min_s, derived))
+
+    def stall_limit_s(self) -> float | None:
+        """Seconds a rank may stay still while a peer moves on (stall.py); None: no stall watch
+        (stall_timeout_s: 0, or too few steps timed to know a normal step)."""
+        if not self._cfg.stall_timeout_s or len(self._step_walls) < MIN_TIMED_CALLS:
+            return None
+        return max(self._cfg.stall_timeout_s, STALL_STEPS * statistics.median(self._step_walls))

@@ -41,10 +41,12 @@ class EvalRecord(TypedDict):
     """Images whose target is among the 5 top-scored classes (all of them, with fewer than 5)."""
 
 
-Phase = Literal["setup", "idle", "data", "forward", "backward", "optimizer", "done", "eval"]
-"""Where a replica is, as its hang probe reports it."""
+Phase = Literal["setup", "broken", "idle", "data", "forward", "backward", "optimizer", "done", "eval"]
+"""Where a replica is, as its hang probe reports it (`broken`: it left its process group after a
+failed step and waits to join a new one)."""
 
-PHASE_ORDER: tuple[Phase, ...] = ("setup", "idle", "data", "forward", "backward", "optimizer", "done", "eval")
+PHASE_ORDER: tuple[Phase, ...] = ("setup", "broken", "idle", "data", "forward", "backward", "optimizer", "done",
+                                  "eval")
 """Phases in the order a replica passes them within a step: a rank earlier in this order
 at the same step is behind its peers."""
 

@@ -32,13 +32,13 @@ class Replica:
 
     Calls from the driver run in submission order (a Ray actor runs one call at a
     time), so the driver can queue steps ahead and insert fingerprint calls between them.
+    Its life: `prepare` (model and optimizer, no group: a hot spare stops here), then
+    `join` a process group as a rank; after a failed step it `join`s a new one.
     """
 
-    def __init__(self, *, world_rank: int, world_size: int):
+    def __init__(self):
         import distrib.trainer  # noqa: F401  (start torch's import now, while the driver places peers)
 
-        self.world_rank = world_rank
-        self.world_size = world_size
         self._trainer = None
 
     def node_info(self) -> NodeInfo:
@@ -51,18 +51,30 @@ class Replica:
         """This node's address and a free port for the group's TCP store (asked of rank 0)."""
         return comm.node_address(), comm.free_port()
 
-    def setup(self, cfg: RunConfig, *, master_addr: str, master_port: int, weights,
-              snapshot: bytes | None, first_step: int, faults: list[Fault]) -> None:
-        """Join the process group, build the replica, restore `snapshot` (taken after
-        `first_step` steps) if given. All ranks must be called together."""
+    def prepare(self, cfg: RunConfig, *, weights) -> None:
+        """Build the model (from `weights`, or seeded) and the optimizer; needs no group."""
         from distrib.trainer import Trainer
 
+        self._trainer = Trainer(cfg, weights=weights)
+
+    def join(self, *, world_rank: int, world_size: int, master_addr: str, master_port: int,
+             snapshot: bytes | None, first_step: int, faults: list[Fault] | None) -> None:
+        """Leave any group this replica was in and join the one at master_addr:master_port as
+        `world_rank`, after restoring `snapshot` (taken after `first_step` steps) if given; a rank
+        kept from the old group keeps its state (`snapshot` None) and its faults (`faults` None).
+        All ranks of the new group must be called together."""
+        cfg = self._trainer.cfg
+        comm.leave_process_group()
         comm.init_process_group(backend=cfg.backend, master_addr=master_addr, master_port=master_port,
-                                world_rank=self.world_rank, world_size=self.world_size,
-                                timeout_s=cfg.start_timeout_s)
-        self._trainer = Trainer(cfg, world_rank=self.world_rank, weights=weights, faults=faults)
-        if snapshot is not None:
+                                world_rank=world_rank, world_size=world_size, timeout_s=cfg.start_timeout_s)
+        if snapshot is not None:  # before DDP is built: it broadcasts rank 0's state
             self._trainer.restore(snapshot, step=first_step)
+        self._trainer.join(world_rank=world_rank, faults=faults)
+
+    def status(self, since_step: int) -> tuple[int, list[StepRecord]]:
+        """The next step this replica would run, and its records of the steps from `since_step`
+        on that it finished (see Trainer.records_since)."""
+        return self._trainer.next_step, self._trainer.records_since(since_step)
 
     def run_steps(self, first_step: int, num_steps: int) -> list[StepRecord]:
         """See Trainer.run_steps. Collective: every rank gets the same call."""
@@ -91,7 +103,7 @@ class Replica:
     def close(self) -> None:
         """Stop the data loader's processes before the actor is killed: a loader killed with
         it prints a traceback that reaches the driver's terminal."""
-        if self._trainer is not None:
+        if self._trainer is not None and self._trainer.data is not None:
             self._trainer.data.close()
 
     @ray.method(concurrency_group="probe")

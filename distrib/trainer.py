@@ -12,15 +12,12 @@ import contextlib
 import inspect
 import io
 import os
-import statistics
-import time
-import zlib
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from distrib import comm, evaluation, syncbn
+from distrib import allreduce, comm, digest, evaluation, profiling, syncbn
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
@@ -31,55 +28,32 @@ from distrib.schedule import lr_at
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class _Clock:
-    """Marks points in a step; CUDA events on a GPU (no host sync until read), wall time on CPU."""
-
-    def __init__(self, device: torch.device):
-        self._cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self._cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def seconds(self, start, end) -> float:
-        return start.elapsed_time(end) / 1e3 if self._cuda else end - start
-
-
 class Trainer:
     """Holds the replica; every method that touches gradients or buffers is collective.
 
     All ranks must call `run_steps` with the same arguments, and `fingerprint` together.
     """
 
-    def __init__(self, cfg: RunConfig, *, world_rank: int, weights: StateDict | None,
-                 faults: list[Fault] = ()):
+    def __init__(self, cfg: RunConfig, *, weights: StateDict | None):
+        """Build the model and optimizer; no process group is needed yet (a hot spare builds
+        them ahead). `join` then makes it a rank of a group."""
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device: cuda, but this worker sees no GPU (CUDA_VISIBLE_DEVICES="
                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
         self.cfg = cfg
-        self.world_rank = world_rank
-        self.world_size = comm.world_size()
         self.device = torch.device("cuda", 0) if cfg.device == "cuda" else torch.device("cpu")
         # Ray reserves cpus_per_worker for this process; more threads would oversubscribe the node.
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-        self._memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)
         if cfg.batchnorm == "sync":  # before DDP and the optimizer see the model: same tensors, new layers
             syncbn.convert(self.model)
-        self.model.to(self.device, memory_format=self._memory_format)
+        self.model.to(self.device, memory_format=self.memory_format)
         self._set_train_mode()
-        self._comm = _AllReduceHook(world_size=self.world_size, dtype=_AMP_DTYPES.get(cfg.grad_compression))
-        # With one rank there is nothing to all-reduce (DDP would divide by 1): the plain
-        # module gives the same numbers without DDP's per-step hooks and launches.
-        self.ddp_module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
-        self._forward = torch.compile(self.ddp_module) if cfg.compile else self.ddp_module
         # fused: one kernel for the whole update on a GPU instead of a few per parameter group;
         # not with fp16's gradient scaler (fp16 steps went NaN in one of two runs with it on an
         # H200, torch 2.11; never without).
@@ -90,16 +64,72 @@ class Trainer:
         # identical on every rank, so every rank skips the same steps.
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self._amp_dtype = _AMP_DTYPES.get(cfg.precision)
+        self.clock = profiling.Clock(self.device)
+        # What a step changes before its all-reduce (BatchNorm running stats, under train and
+        # sync), copied as each step starts, so a step broken by a lost peer can be dropped.
+        self._buffers = [b for b in self.model.buffers()] if cfg.batchnorm != "frozen" else []
+        self._buffers_at_step_start = [b.clone() for b in self._buffers]
+        self.world_rank, self.world_size = -1, 1
+        self.ddp_module = self._forward = self.model
+        self.comm_hook = allreduce.AllReduceHook(world_size=1, dtype=_AMP_DTYPES.get(cfg.grad_compression))
+        self._loss_scale = 1.0
+        self.data: ShardSource | None = None
+        self._held_out: HeldOutSource | None = None  # built at the first evaluation
+        self._faults: list[Fault] = []
+        self.next_step = 0
+        self.broken: str | None = None
+        """Why this rank left its process group (a step failed); None while it is a member."""
+        self._recent: dict[int, StepRecord] = {}
+        """The latest steps' records, by step: a recovery asks for those the driver never got."""
+        self.position = Position(-1, "idle")
+        """Where this rank is; read by the driver's hang probe from another thread."""
+
+    def join(self, *, world_rank: int, faults: list[Fault] | None) -> None:
+        """Become `world_rank` of the process group this process has just joined: (re)build DDP,
+        the loss scale and the data shard, which depend on the rank and the group. Collective
+        (DDP's set-up checks every rank's model). A rank that was in an earlier group keeps its
+        model, optimizer and armed faults (`faults` None); a new one gets `faults`."""
+        cfg = self.cfg
+        self.ddp_module = self._forward = None  # the old DDP's autograd hooks go with it
+        self.world_rank, self.world_size = world_rank, comm.world_size()
+        self.comm_hook = allreduce.AllReduceHook(world_size=self.world_size, dtype=self.comm_hook.dtype)
+        # With one rank there is nothing to all-reduce (DDP would divide by 1): the plain
+        # module gives the same numbers without DDP's per-step hooks and launches.
+        self.ddp_module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
+        self._forward = torch.compile(self.ddp_module) if cfg.compile else self.ddp_module
         # DDP averages gradients over ranks. The sum loss is defined on the global batch, so each
         # rank's share is scaled by the world size to make the average equal the global gradient.
         self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
+        if self.data is not None:
+            self.data.close()
         self.data = ShardSource(cfg, world_rank=world_rank, device=self.device)
-        self._held_out: HeldOutSource | None = None  # built at the first evaluation
-        self._clock = _Clock(self.device)
-        self._faults = {f.step: f for f in faults if f.rank == world_rank}
-        self.next_step = 0
-        self.position = Position(-1, "idle")
-        """Where this rank is; read by the driver's hang probe from another thread."""
+        self._held_out = None
+        if faults is not None:
+            self._faults = [f for f in faults if f.rank == world_rank]
+        if self.world_size > 1 and self.next_step > 0:
+            self._settle_buckets()
+        self.broken = None
+        self.position = Position(self.next_step - 1, "idle")
+
+    def _settle_buckets(self) -> None:
+        """Bring a DDP built mid-run to the gradient buckets of one built at step 0. Collective.
+
+        DDP's first backward reduces all gradients in one bucket, then it rebuilds its buckets
+        in the order gradients became ready. With more than two ranks a bucket's layout decides
+        the order in which the ranks' values are summed, and so the rounding: a DDP rebuilt by a
+        heal or a restart would round its first step differently from the uninterrupted run.
+        One forward and backward of two images on every rank lets it rebuild first; everything
+        they change (BatchNorm buffers, gradients) is put back."""
+        saved = [buffer.clone() for buffer in self.model.buffers()]
+        images = torch.zeros(2, 3, self.cfg.image_size, self.cfg.image_size, device=self.device)
+        images = images.contiguous(memory_format=self.memory_format)
+        targets = (torch.zeros(2, self.cfg.num_classes, device=self.device) if self.cfg.loss == "sum" else
+                   torch.zeros(2, dtype=torch.long, device=self.device))
+        self.loss(images, targets).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.comm_hook.pop_window_s()
+        for buffer, value in zip(self.model.buffers(), saved):
+            buffer.copy_(value)
 
     def _set_train_mode(self) -> None:
         """Training mode, with BatchNorm in eval mode under batchnorm: frozen."""
@@ -121,11 +151,11 @@ class Trainer:
             bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
         # Our hook times the all-reduce window (exact with gloo) and can compress; on GPUs
         # without compression DDP keeps its built-in C++ hook, with no Python per bucket.
-        if self.device.type == "cpu" or self._comm.dtype is not None:
-            ddp.register_comm_hook(state=None, hook=self._comm.hook)
+        if self.device.type == "cpu" or self.comm_hook.dtype is not None:
+            ddp.register_comm_hook(state=None, hook=self.comm_hook.hook)
         return ddp
 
-    def _loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
                             enabled=self._amp_dtype is not None):
             outputs = self._forward(images)
@@ -137,57 +167,125 @@ class Trainer:
         """Train steps first_step .. first_step + num_steps - 1; one record per step.
 
         Each record holds this rank's loss on its shard (mean or sum, as the config says)
-        and the seconds spent in each phase.
+        and the seconds spent in each phase. When a step fails (a peer lost mid-collective,
+        an error here), it is dropped: this rank is left at the last step it finished, with
+        the failed step's BatchNorm updates undone, keeps the finished steps' records (see
+        `records_since`), and leaves the process group, which makes every peer's collective
+        fail at once too. It then refuses collective calls until it joins a new group.
         """
+        self._refuse_if_broken()
         if first_step != self.next_step:  # calls must arrive in order; say so loudly if they do not
             raise RuntimeError(f"asked for step {first_step}, but the next step here is {self.next_step}")
         losses, marks, comm_windows = [], [], []
-        for step in range(first_step, first_step + num_steps):
-            self.position = Position(step, "data")
-            if step in self._faults:
-                fire(self._faults.pop(step))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.cfg, step)
-            t0 = self._clock.mark()
-            images, targets = self.data.batch(step)
-            images = images.contiguous(memory_format=self._memory_format)
-            t1 = self._clock.mark()
-            self.position = Position(step, "forward")
-            loss = self._loss(images, targets)
-            t2 = self._clock.mark()
-            self.position = Position(step, "backward")
-            scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-            t3 = self._clock.mark()
-            self.position = Position(step, "optimizer")
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            t4 = self._clock.mark()
-            marks.append((t0, t1, t2, t3, t4))
-            comm_windows.append(self._comm.pop_window_s())
-        self.next_step = first_step + num_steps
+        try:
+            for step in range(first_step, first_step + num_steps):
+                losses.append(self._step(step, marks))
+                comm_windows.append(self.comm_hook.pop_window_s())
+                self.next_step = step + 1
+        except Exception as err:
+            self._drop_step(err)
+            self._records(first_step, losses, marks, comm_windows)
+            raise
         self.position = Position(self.next_step - 1, "done")
-        # The one host synchronisation of the call; it also completes the last step's events.
-        loss_values = torch.stack(losses).tolist()
+        return self._records(first_step, losses, marks, comm_windows)
+
+    def records_since(self, step: int) -> list[StepRecord]:
+        """This rank's records of the steps from `step` on that it finished (the latest few):
+        after a failure, the steps every rank finished whose results never reached the driver."""
+        return [self._recent[s] for s in sorted(self._recent) if s >= step]
+
+    def _step(self, step: int, marks: list) -> torch.Tensor:
+        """One training step; appends its clock marks to `marks`, returns its loss (on the device)."""
+        self.position = Position(step, "data")
+        if self._buffers:
+            torch._foreach_copy_(self._buffers_at_step_start, self._buffers)
+        for fault in [f for f in self._faults if f.step == step]:
+            if fault.kind != "error":  # an error fault stands for a deterministic failure: it stays
+                self._faults.remove(fault)
+            fire(fault)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.cfg, step)
+        t0 = self.clock.mark()
+        images, targets = self.data.batch(step)
+        images = images.contiguous(memory_format=self.memory_format)
+        t1 = self.clock.mark()
+        self.position = Position(step, "forward")
+        loss = self.loss(images, targets)
+        t2 = self.clock.mark()
+        self.position = Position(step, "backward")
+        scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        t3 = self.clock.mark()
+        self.position = Position(step, "optimizer")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t4 = self.clock.mark()
+        marks.append((t0, t1, t2, t3, t4))
+        return loss.detach()
+
+    def _records(self, first_step: int, losses: list[torch.Tensor], marks: list, comm_windows: list[float]
+                 ) -> list[StepRecord]:
+        """The records of the steps finished from `first_step`; the one host synchronisation of a
+        call, which also completes the last step's events."""
+        loss_values = torch.stack(losses).tolist() if losses else []
         records = []
-        for step, loss_value, m, comm_s in zip(range(first_step, first_step + num_steps), loss_values, marks,
+        for step, loss_value, m, comm_s in zip(range(first_step, first_step + len(losses)), loss_values, marks,
                                                comm_windows):
-            phases = [self._clock.seconds(a, b) for a, b in zip(m, m[1:])]
+            phases = [self.clock.seconds(a, b) for a, b in zip(m, m[1:])]
             records.append(StepRecord(step=step, loss=loss_value, **dict(zip(PHASES, phases)), comm_s=comm_s))
+        self._recent.update((r["step"], r) for r in records)
+        kept = self.cfg.steps_per_call * (self.cfg.calls_in_flight + 1)  # more than the driver queues ahead
+        self._recent = {s: r for s, r in self._recent.items() if s >= self.next_step - kept}
         return records
+
+    def _drop_step(self, err: Exception) -> None:
+        """Undo what the failed step changed (its BatchNorm updates, its gradients) and leave the
+        process group. No optimizer step is undone: SGD's step runs after the step's last
+        collective, so a step that failed never reached it."""
+        if self._buffers:
+            torch._foreach_copy_(self._buffers, self._buffers_at_step_start)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.comm_hook.pop_window_s()
+        self._leave(f"{type(err).__name__} at step {self.next_step}")
+
+    def _leave(self, why: str) -> None:
+        """Leave the process group after a failed collective: peers blocked in one with this rank
+        fail at once (their connections close) instead of waiting out the group's timeout."""
+        self.broken = why
+        self.position = Position(self.next_step - 1, "broken")
+        self.ddp_module = self._forward = None
+        comm.leave_process_group()
+
+    def _refuse_if_broken(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(f"rank {self.world_rank} left its process group ({self.broken}); "
+                               "it waits to join a new one")
+
+    @contextlib.contextmanager
+    def _collective(self, what: str):
+        """Run a collective other than steps: refused when broken; on failure, leave the group."""
+        self._refuse_if_broken()
+        try:
+            yield
+        except Exception as err:
+            self._leave(f"{type(err).__name__} in {what} after step {self.next_step - 1}")
+            raise
 
     def evaluate(self) -> EvalRecord:
         """Counts over this rank's slice of the held-out set, BatchNorm in eval mode. Collective:
         under batchnorm: train the running statistics are averaged over ranks for it, and
         every buffer is put back afterwards, bit for bit, so training goes on as without it."""
+        with self._collective("evaluate"):
+            return self._evaluate()
+
+    def _evaluate(self) -> EvalRecord:
         if self._held_out is None:
             self._held_out = HeldOutSource(self.cfg, world_rank=self.world_rank, world_size=self.world_size,
                                            device=self.device)
@@ -197,22 +295,12 @@ class Trainer:
         self.model.eval()
         try:
             return evaluation.evaluate(self.model, self._held_out.batches(), amp_dtype=self._amp_dtype,
-                                       memory_format=self._memory_format)
+                                       memory_format=self.memory_format)
         finally:
             for buffer, value in zip(self.model.buffers(), saved):
                 buffer.copy_(value)
             self._set_train_mode()
             self.position = Position(self.next_step - 1, "done")
-
-    @property
-    def allreduce_bytes(self) -> int:
-        """Bytes each rank all-reduces per step: every gradient, in the wire dtype (0 alone)."""
-        return self._wire_gradients().nbytes if self.world_size > 1 else 0
-
-    def _wire_gradients(self) -> torch.Tensor:
-        """A flat tensor the size and dtype of one step's all-reduced gradients (meta: no memory)."""
-        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return torch.empty(numel, dtype=self._comm.dtype or torch.float32, device="meta")
 
     def profile(self, step: int, repeats: int = 3) -> dict:
         """Time what a step's overlap hides. Collective; leaves the model as it was.
@@ -222,38 +310,8 @@ class Trainer:
         still run, as they are part of the maths), median of `repeats`; allreduce_s: one plain all-reduce of a flat
         tensor of allreduce_bytes on this group (the microbenchmark), median of `repeats`.
         """
-        buffers = [b.clone() for b in self.model.buffers()]
-        images, targets = self.data.batch(step)
-        images = images.contiguous(memory_format=self._memory_format)
-        no_sync = self.ddp_module.no_sync() if self.world_size > 1 else contextlib.nullcontext()
-        backward = []
-        with no_sync:
-            for _ in range(repeats):
-                loss = self._loss(images, targets)
-                t0 = self._clock.mark()
-                loss.backward()
-                t1 = self._clock.mark()
-                self.optimizer.zero_grad(set_to_none=True)
-                self._synchronize()
-                backward.append(self._clock.seconds(t0, t1))
-        for buffer, saved in zip(self.model.buffers(), buffers):
-            buffer.copy_(saved)
-        allreduce = []
-        if self.world_size > 1:
-            flat = torch.zeros_like(self._wire_gradients(), device=self.device)
-            for _ in range(repeats):
-                torch.distributed.barrier()
-                start = time.perf_counter()
-                torch.distributed.all_reduce(flat)
-                self._synchronize()
-                allreduce.append(time.perf_counter() - start)
-        return {"backward_compute_s": statistics.median(backward),
-                "allreduce_s": statistics.median(allreduce) if allreduce else 0.0,
-                "allreduce_bytes": self.allreduce_bytes}
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        with self._collective("profile"):
+            return profiling.measure_overlap(self, step, repeats)
 
     def sync_buffers(self) -> None:
         """Under `batchnorm: train`, average floating-point buffers (BatchNorm running stats)
@@ -312,14 +370,15 @@ class Trainer:
         averages BatchNorm buffers under `train` only). Collective.
 
         Any change confined to one element of up to 4 bytes always changes the checksum
-        (see _host_checksum, _device_checksum); several changes cancelling out is vanishingly unlikely.
+        (see digest.py); several changes cancelling out is vanishingly unlikely.
         """
-        self.sync_buffers()
+        with self._collective("fingerprint"):
+            self.sync_buffers()
         named = self.named_state_tensors()
         if self.device.type == "cuda":  # on the device, then one transfer for all tensors
-            sums = torch.stack([_device_checksum(t) for _, t in named]).tolist()
+            sums = torch.stack([digest.device_checksum(t) for _, t in named]).tolist()
         else:
-            sums = [_host_checksum(t) for _, t in named]
+            sums = [digest.host_checksum(t) for _, t in named]
         return [(name, value) for (name, _), value in zip(named, sums)]
 
 
@@ -331,62 +390,3 @@ def _map_tensors(tree, fn):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map_tensors(v, fn) for v in tree)
     return tree
-
-
-class _AllReduceHook:
-    """DDP's communication hook: averages each gradient bucket over ranks, like DDP's own
-    default (divide, then all-reduce a sum), optionally sent in fp16/bf16, and records the
-    step's communication window: from the first bucket handed over to the last one done.
-
-    The window is host time: exact with gloo, where the callback runs when the bytes have
-    arrived; with NCCL it marks when the work was queued, so sweeps report it on CPU only.
-    """
-
-    def __init__(self, *, world_size: int, dtype: torch.dtype | None):
-        self.world_size, self.dtype = world_size, dtype
-        self._first = self._last = None
-
-    def hook(self, state, bucket):  # no annotations: DDP checks them against its own types
-        if self._first is None:
-            self._first = time.perf_counter()
-        grads = bucket.buffer()
-        wire = grads.to(self.dtype) if self.dtype is not None else grads
-        wire.div_(self.world_size)
-        future = torch.distributed.all_reduce(wire, async_op=True).get_future()
-
-        def done(fut: torch.futures.Future) -> torch.Tensor:
-            self._last = time.perf_counter()
-            reduced = fut.value()[0]
-            if self.dtype is not None:
-                grads.copy_(reduced)
-                return grads
-            return reduced
-
-        return future.then(done)
-
-    def pop_window_s(self) -> float:
-        window = (self._last - self._first) if self._first is not None and self._last is not None else 0.0
-        self._first = self._last = None
-        return window
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bit patterns as a flat integer tensor (bf16 and friends included)."""
-    return tensor.detach().contiguous().reshape(-1).view(_INT_OF_SIZE[tensor.element_size()])
-
-
-def _host_checksum(tensor: torch.Tensor) -> int:
-    """CRC-32 of a CPU tensor's bytes: catches every change within 32 contiguous bits, at
-    memory speed (10x faster on a CPU than the weighted sum below)."""
-    return zlib.crc32(memoryview(_bits(tensor).numpy()).cast("B"))
-
-
-def _device_checksum(tensor: torch.Tensor) -> torch.Tensor:
-    """sum_i bits_i * (i mod 65521 + 1) in int64, on the tensor's device (no copy to the host).
-    For one changed element of up to 4 bytes, |difference| * weight < 2**48: never 0 mod 2**64."""
-    bits = _bits(tensor).to(torch.int64)
-    weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
-    return (bits * weights).sum()

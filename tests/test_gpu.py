@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distrib import Orchestrator, RunConfig
-from distrib.trainer import _device_checksum
+from distrib.digest import device_checksum
 from distrib.tutorial import seed_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("ray_local")]
@@ -40,12 +40,12 @@ def test_other_precisions_step(tmp_path, precision):
     assert all(math.isfinite(m.loss) for m in metrics)
 
 
-def test_device_checksum_matches_the_cpu_and_sees_changes():
+def testdevice_checksum_matches_the_cpu_and_sees_changes():
     tensor = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     on_gpu = tensor.cuda()
-    assert int(_device_checksum(on_gpu)) == int(_device_checksum(tensor))
+    assert int(device_checksum(on_gpu)) == int(device_checksum(tensor))
     on_gpu[1234] = torch.nextafter(on_gpu[1234], torch.tensor(math.inf, device="cuda"))
-    assert int(_device_checksum(on_gpu)) != int(_device_checksum(tensor))
+    assert int(device_checksum(on_gpu)) != int(device_checksum(tensor))
 
 
 def test_tutorial_step_on_gpu_gives_the_plain_loss():

@@ -1,8 +1,9 @@
 """A node lost mid-run, on a multi-node Ray cluster on one machine (ray.cluster_utils.Cluster).
 
-One replica per node (SPREAD). When a node goes, the driver rebuilds the group on the
-nodes left (and any that join) from its newest snapshot; with no capacity it ends with
-a clear error within start_timeout_s, and the checkpoint on disk stays loadable.
+One replica per node (SPREAD). When a node goes, the driver heals the group: a hot spare
+on another node takes the lost rank's place, or a fresh actor once the node's bundle is
+placed again (a node joins); with no capacity the heal and then a restart fail with a
+clear error within start_timeout_s each, and the checkpoint on disk stays loadable.
 """
 
 from __future__ import annotations
@@ -114,9 +115,31 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     assert_bit_identical(recovered, uninterrupted)
     (event,) = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert "node being drained by Ray (a preemption notice)" in event["cause"] and event["ranks"] == [1]
-    assert event["restored_step"] == event["step"] + 1  # the snapshot was taken at the step reached
+    assert event["restored_step"] == event["step"] and event["steps_redone"] == 0  # a snapshot at the step reached
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(40))  # each step once: nothing redone
+
+
+def test_lost_node_is_healed_by_a_spare_on_another_node(cluster, tmp_path):
+    with Orchestrator(node_cfg(tmp_path / "ref", batchnorm="sync"), progress=False) as orch:
+        orch.train()
+        uninterrupted = flat_state(orch.state())
+    cluster.add_node(num_cpus=1)  # three nodes: two ranks and a spare, one on each
+    cluster.wait_for_nodes()
+    run_dir = tmp_path / "run"
+    with Orchestrator(node_cfg(run_dir, batchnorm="sync", spare_workers=1), progress=False) as orch:
+        training = Training(orch)
+        training.start()
+        remove_node_of_rank(cluster, orch, 1, at_step=3)
+        training.join(timeout=180)
+        assert training.error is None, training.error
+        healed = flat_state(orch.state())
+    assert len(cluster.worker_nodes) == 2  # as the module's next test expects
+    assert_bit_identical(healed, uninterrupted)
+    (event,) = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert event["event"] == "heal" and event["replaced"] == {"1": "spare"} and event["steps_redone"] == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(8))
 
 
 def test_lost_node_without_capacity_ends_clearly(cluster, tmp_path):

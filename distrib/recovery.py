@@ -1,0 +1,167 @@
+"""Recovery without rollback: heal a group in place after a lost, stalled or failed rank.
+
+    drop     kill the lost ranks, which makes every survivor's collective fail at once;
+             each survivor drops its half-done step and leaves its process group; the
+             calls queued behind the failure are consumed (their errors read, not printed)
+    replace  a hot spare, else a freshly started actor, takes each lost rank's place
+    state    the survivor furthest on hands its snapshot to the new ranks (and to any
+             survivor a step behind) through Ray's object store
+    group    every rank joins a new process group; DDP is rebuilt
+The driver then checks every rank's digest and runs the interrupted step again: no
+finished step is redone, and the run goes on bit-identical to an uninterrupted one
+(under `batchnorm: train`, the BatchNorm running statistics excepted: a new rank takes
+its source's, as each rank's own follow its own shards between checks).
+
+When no rank survives, or the heal itself fails, the driver falls back to a restart
+from the newest snapshot (driver.py). RecoveryLog keeps the breakdown of each
+recovery and the run's goodput for events.jsonl and the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+from distrib.errors import ReplicaError
+from distrib.faults import Fault
+from distrib.group import ReplicaGroup
+from distrib.protocol import NodeInfo, StepRecord
+
+DRAIN_TIMEOUT_S = 5.0
+"""How long the survivors have to give up the calls queued behind a failure; a survivor
+still busy then is stuck too, and is replaced."""
+
+
+@dataclass(frozen=True)
+class Healed:
+    step: int
+    """The next step to run: the one the failure interrupted."""
+    unreported: dict[int, list[StepRecord]]
+    """Steps that every rank finished but whose results never reached the driver (a failed call
+    of several steps; a rank killed before its result was sent): step -> the survivors' records."""
+    replaced: dict[int, str]
+    """Rank -> 'spare' or 'fresh', for each rank replaced."""
+    phases_s: dict[str, float]
+    """Seconds in each phase: drop, replace, state, group."""
+
+
+def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: list[Fault],
+         timeout_s: float) -> Healed:
+    """Heal `group` after `err`, the driver having the results of the steps before
+    `reported_to` (see the module docstring); raises ReplicaError when it cannot be healed
+    (no survivor, a replacement that cannot be placed within `timeout_s`)."""
+    clock = _Clock()
+    lost = set(err.ranks) if err.lost else set()
+    group.kill(sorted(lost))
+    refs = err.outstanding
+    unfinished, dead = group.consume([ref for _, ref in refs], DRAIN_TIMEOUT_S)
+    lost |= {rank for rank, ref in refs if ref in unfinished or ref in dead}
+    group.kill(sorted(lost))
+    survivors = [rank for rank in range(len(group.replicas)) if rank not in lost]
+    if not survivors:
+        raise ReplicaError("no replica survived to heal from", ranks=sorted(lost), step=err.step)
+    statuses = group.wait([group.replicas[r].status.remote(reported_to) for r in survivors], "the survivors' status",
+                          timeout_s)
+    step = max(next_step for next_step, _ in statuses)
+    source = next(rank for rank, (next_step, _) in zip(survivors, statuses) if next_step == step)
+    needs_state = sorted(lost | {rank for rank, (next_step, _) in zip(survivors, statuses) if next_step < step})
+    unreported: dict[int, list[StepRecord]] = {}
+    for _, records in statuses:
+        for record in records:
+            unreported.setdefault(record["step"], []).append(record)
+    clock.lap("drop")
+
+    replaced = group.replace(sorted(lost))
+    clock.lap("replace")
+    state = None
+    if needs_state:
+        state = group.replicas[source].snapshot.remote()
+        if not ray.wait([state], timeout=timeout_s)[0]:
+            raise ReplicaError(f"{group.name([source])} did not hand over its state within {timeout_s:g} s",
+                               ranks=[source], step=err.step)
+    clock.lap("state")
+    group.reform(state=state, first_step=step, needs_state=needs_state, faults=faults)
+    clock.lap("group")
+    return Healed(step=step, unreported={s: r for s, r in unreported.items() if s < step}, replaced=replaced,
+                  phases_s=clock.laps)
+
+
+def failure_event(err: ReplicaError, *, number: int, step: int, nodes: list[NodeInfo],
+                  last_progress_at: float | None) -> dict:
+    """What events.jsonl says of a failure, before the recovery adds its own figures. detect_s
+    runs from the last step finished: for a fault as a step starts, its detection time."""
+    detected_at = time.time()
+    event = {"recovery": number, "ranks": err.ranks, "step": step, "cause": str(err),
+             "nodes": sorted({nodes[r].node for r in err.ranks if r < len(nodes)}),
+             "last_progress_at": last_progress_at, "detected_at": detected_at}
+    if last_progress_at is not None:
+        event["detect_s"] = detected_at - last_progress_at
+    return event
+
+
+class _Clock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.laps[f"{name}_s"] = now - self._last
+        self._last = now
+
+
+class RecoveryLog:
+    """The run's recoveries: whether another may be tried (max_restarts; a deterministic
+    failure is not retried), each one's breakdown, written to events.jsonl once the first
+    step after it has finished, and the run's goodput: seconds in steps kept over wall seconds."""
+
+    def __init__(self, record_event: Callable[[dict], None], *, max_restarts: int):
+        self._record_event = record_event
+        self._max_restarts = max_restarts
+        self._started_at = time.time()
+        self._last_failure: tuple[str, int] | None = None
+        self._pending: dict | None = None
+        self.count = 0
+        """Recoveries begun (heals and restarts)."""
+        self.done: list[dict] = []
+
+    def admit(self, err: ReplicaError, *, step: int) -> None:
+        """Count a recovery from `err`, raised while running `step`; or raise the ReplicaError that
+        ends the run: no restarts left, or the same failure at the same step as the last one."""
+        failure = (err.cause, step)
+        if self.count >= self._max_restarts or failure == self._last_failure:
+            why = (f"no restarts left: max_restarts={self._max_restarts}" if failure != self._last_failure else
+                   f"the same failure at step {step} as before: deterministic, not retried")
+            raise ReplicaError(f"{err} ({why})", ranks=err.ranks, step=err.step, lost=err.lost,
+                               cause=err.cause) from err
+        self._last_failure = failure
+        self.count += 1
+
+    def recovered(self, event: dict) -> None:
+        """A recovery is done; `event` has its kind, cause, detected_at and phase times."""
+        self.flush()
+        self._pending = event
+
+    def step_finished(self, finished_at: float) -> None:
+        """A step finished: the first after a recovery completes its event."""
+        if self._pending is not None:
+            self._pending["first_step_s"] = finished_at - self._pending["detected_at"]
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self.done.append(self._pending)
+            self._record_event(self._pending)
+            self._pending = None
+
+    def summary(self, step_seconds: float) -> dict:
+        """For summary.json: the recoveries, and goodput given the seconds of the steps kept."""
+        self.flush()
+        keys = ("event", "ranks", "step", "detect_s", "drop_s", "replace_s", "state_s", "group_s", "check_s",
+                "rebuild_s", "first_step_s", "steps_redone")
+        wall_s = time.time() - self._started_at
+        return {"recoveries": [{k: r[k] for k in keys if k in r} for r in self.done],
+                "goodput": step_seconds / wall_s if wall_s > 0 else 0.0}
