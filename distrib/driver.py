@@ -286,7 +286,8 @@ class Orchestrator:
         for i in range(call.num_steps):
             metrics = self._record_step(call.first_step + i, [r[i] for r in records], wall_s)
         self.step_count = last_step + 1
-        self._recoveries.step_finished(metrics.finished_at)
+        if self._recoveries.step_finished(metrics.finished_at):
+            self._group.replenish_spares()
         progress.advance(call.num_steps, self.step_count, metrics)
         return now
 

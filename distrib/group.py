@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distrib.cluster import draining_nodes
+from distrib.cluster import DrainWatch
 from distrib.config import RunConfig
 from distrib.errors import PlacementError, ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
 from distrib.protocol import NodeInfo, Position
 from distrib.replica import CONCURRENCY_GROUPS, Replica
+from distrib.spares import SparePool
 from distrib.stall import StallProbes
 
 log = logging.getLogger(__name__)
@@ -48,6 +47,8 @@ PLACEMENT_POLL_S = 5.0
 """While waiting for resources, say what is missing this often."""
 DEAD_PEER_GRACE_S = 2.0
 """When a rank's collective fails, how long to look for a peer that died (the real cause)."""
+PEER_PROBE_S = 1.0
+"""After a collective failed, a peer that does not answer a probe this long is taken for lost."""
 PROBE_TIMEOUT_S = 3.0
 """How long a replica has to answer a position probe before it is called frozen or gone."""
 WAIT_SLICE_S = 0.5
@@ -56,20 +57,9 @@ signal handler must not raise inside ray.wait (Ray turns that into a SystemError
 only sets a flag, which takes effect within a slice."""
 CLOSE_TIMEOUT_S = 2.0
 """How long an orderly stop waits for the replicas to close their data loaders."""
-DRAIN_POLL_S = 1.0
-"""How often the group asks Ray which nodes are being drained (a preemption notice)."""
 PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset|Read error|Write error|Broken pipe|"
                           r"left its process group|NCCL communicator was aborted|remote process exited")
 """Errors a rank raises because a peer failed (its collective broke), not from a fault of its own."""
-
-
-@dataclass
-class _Spare:
-    """A hot spare: an actor in its own bundle, whose `prepare` call (`ready`) builds its model."""
-
-    actor: ray.actor.ActorHandle
-    bundle: int
-    ready: ray.ObjectRef
 
 
 class ReplicaGroup:
@@ -94,11 +84,11 @@ class ReplicaGroup:
         self._replicas: list = []
         self._bundles: list[int] = []
         """Placement-group bundle of each rank."""
-        self._spares: list[_Spare] = []
+        self._spares = SparePool(self._start_spare)
+        self._unread: list[ray.ObjectRef] = []
         self._weights: ray.ObjectRef | None = None
         self._nodes: list[NodeInfo] = []
-        self._draining: dict[str, int] = {}
-        self._stopped = threading.Event()
+        self._drains = DrainWatch(lambda: {n.node_id for n in self._nodes})
 
     @property
     def replicas(self) -> list:
@@ -122,14 +112,14 @@ class ReplicaGroup:
         self._replicas = [self._new_actor(bundle) for bundle in range(cfg.num_workers)]
         self._bundles = list(range(cfg.num_workers))
         for bundle in range(cfg.num_workers, cfg.num_workers + cfg.spare_workers):
-            self._add_spare(bundle)
+            self._spares.add(bundle)
         self._nodes = self.wait(self.call("node_info"), "start-up", cfg.start_timeout_s)
         self.wait(self.call("prepare", cfg, weights=weights), "model set-up", cfg.start_timeout_s)
         self.reform(state=snapshot, first_step=first_step, needs_state=list(range(cfg.num_workers)),
                     faults=faults)
         log.info("%d replicas on %s, %s/%s", cfg.num_workers, sorted({n.node for n in self._nodes}),
                  cfg.device, cfg.backend)
-        threading.Thread(target=self._watch_drains, name="drain-watch", daemon=True).start()
+        self._drains.start()
 
     def _new_actor(self, bundle: int):
         cfg = self.cfg
@@ -139,9 +129,9 @@ class ReplicaGroup:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=bundle),
         ).remote()
 
-    def _add_spare(self, bundle: int) -> None:
+    def _start_spare(self, bundle: int) -> tuple:
         actor = self._new_actor(bundle)
-        self._spares.append(_Spare(actor, bundle, actor.prepare.remote(self.cfg, weights=self._weights)))
+        return actor, actor.prepare.remote(self.cfg, weights=self._weights)
 
     def reform(self, *, state: ray.ObjectRef | None, first_step: int, needs_state: list[int],
                faults: list[Fault]) -> None:
@@ -162,16 +152,14 @@ class ReplicaGroup:
     def replace(self, ranks: list[int]) -> dict[int, str]:
         """Kill `ranks` (lost or stuck) and put a new actor in each place: a ready hot spare, else a
         fresh actor in the lost rank's bundle (Ray re-places a bundle whose node is gone). A used
-        spare's place is refilled in the background. Returns rank -> 'spare' or 'fresh'."""
+        spare's bundle gets a new spare in replenish_spares. Returns rank -> 'spare' or 'fresh'."""
         self.kill(ranks)
-        ready = self._ready_spares()
-        how, freed = {}, []
+        how = {}
         for rank in ranks:
-            if ready:
-                spare = ready.pop(0)
-                self._spares.remove(spare)
-                freed.append(self._bundles[rank])
-                self._replicas[rank], self._bundles[rank] = spare.actor, spare.bundle
+            spare = self._spares.take()
+            if spare is not None:
+                self._spares.refill_later(self._bundles[rank])
+                self._replicas[rank], self._bundles[rank] = spare
                 how[rank] = "spare"
             else:
                 self._replicas[rank] = self._new_actor(self._bundles[rank])
@@ -182,29 +170,17 @@ class ReplicaGroup:
         infos = self.wait([self._replicas[r].node_info.remote() for r in ranks], "start-up", self.cfg.start_timeout_s)
         for rank, info in zip(ranks, infos):
             self._nodes[rank] = info
-        for bundle in freed:
-            self._add_spare(bundle)
         return how
 
-    def _ready_spares(self) -> list[_Spare]:
-        """Spares whose model is built; spares that failed (their node went) are dropped."""
-        if not self._spares:
-            return []
-        done, _ = ray.wait([s.ready for s in self._spares], num_returns=len(self._spares), timeout=0)
-        ready = []
-        for spare in [s for s in self._spares if s.ready in done]:
-            try:
-                ray.get(spare.ready)
-                ready.append(spare)
-            except ray.exceptions.RayError as err:
-                log.warning("a hot spare failed to start and is dropped: %s", _first_line(err))
-                self._spares.remove(spare)
-        return ready
+    def replenish_spares(self) -> None:
+        """Start new spares in the bundles used spares left. The driver calls it once the first
+        step after a heal has finished: a spare's start-up (torch's import, the model) would
+        otherwise compete with that step for the node's CPUs."""
+        self._spares.replenish()
 
-    @property
-    def spares_ready(self) -> int:
-        """Hot spares whose model is built."""
-        return len(self._ready_spares())
+    def read_at_stop(self, refs: list) -> None:
+        """Hold `refs` (calls of lost ranks) and read them when the group stops, not now."""
+        self._unread += refs
 
     def kill(self, ranks: list[int]) -> None:
         """Kill the actors of `ranks` (already dead ones are skipped): their peers' collectives
@@ -233,20 +209,9 @@ class ReplicaGroup:
                 pass
         return set(pending), dead
 
-    def _watch_drains(self) -> None:
-        """Poll Ray for drained nodes of this group until it stops (a thread: no cost to the loop)."""
-        while not self._stopped.wait(DRAIN_POLL_S):
-            node_ids = {n.node_id for n in self._nodes}
-            try:
-                drained = draining_nodes()
-            except Exception as err:  # a GCS hiccup: try again at the next poll
-                log.debug("drain poll failed: %s", err)
-                continue
-            self._draining = {node: deadline for node, deadline in drained.items() if node in node_ids}
-
     def draining_ranks(self) -> dict[int, int]:
         """Ranks on nodes that Ray is draining -> the drain's deadline (ms since the epoch, 0: none)."""
-        draining = self._draining
+        draining = self._drains.draining
         if not draining:
             return {}
         return {rank: draining[n.node_id] for rank, n in enumerate(self._nodes) if n.node_id in draining}
@@ -344,23 +309,45 @@ class ReplicaGroup:
             return ReplicaError(f"{self.name([rank])} died during {what}: {_first_line(err)}", ranks=[rank],
                                 step=step, cause="process died")
         causes = {rank: _cause(err)}
-        dead = []
-        if pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=DEAD_PEER_GRACE_S)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    dead.append(pending[ref])
-                except ray.exceptions.RayError as other:
-                    causes[pending[ref]] = _cause(other)
+        dead = self._peers_after_failure(pending, causes) if pending else []
         if dead:
-            dead.sort()
             return ReplicaError(f"{self.name(dead)} died during {what} (so {self.name([rank])} failed: "
                                 f"{causes[rank]})", ranks=dead, step=step, cause="process died")
         own = sorted(r for r, cause in causes.items() if not PEER_FAILURE.search(cause)) or [rank]
         return ReplicaError(f"{self.name(own)} failed during {what}: {causes[own[0]]}", ranks=own, step=step,
                             lost=False, cause=causes[own[0]])
+
+    def _peers_after_failure(self, pending: dict[ray.ObjectRef, int], causes: dict[int, str]) -> list[int]:
+        """Wait up to DEAD_PEER_GRACE_S for the other ranks' results of a failed call (`pending`),
+        reading their errors into `causes`; returns the ranks found dead: their actor died, or
+        they did not answer a probe within PEER_PROBE_S (a lost node, which Ray takes seconds to
+        declare dead, while the connections of its processes closed at once)."""
+        probes = {self._replicas[r].position.remote(): r for r in pending.values()}
+        self.read_at_stop(list(probes))
+        left, answered, dead = dict(pending), set(), set()
+        started = time.monotonic()
+        while left and time.monotonic() - started < DEAD_PEER_GRACE_S:
+            refs = list(left) + [ref for ref, r in probes.items() if r not in answered]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
+            for ref in done:
+                if ref in probes:
+                    try:
+                        ray.get(ref)
+                        answered.add(probes[ref])
+                    except ray.exceptions.RayError:
+                        dead.add(probes[ref])
+                    continue
+                rank = left.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    dead.add(rank)
+                except ray.exceptions.RayError as other:
+                    causes[rank] = _cause(other)
+            silent = set(left.values()) - answered
+            if dead or (silent and time.monotonic() - started >= PEER_PROBE_S):
+                return sorted(dead | silent)
+        return []
 
     def diagnose(self, late_ranks: list[int]) -> tuple[str, list[int]]:
         """Name the ranks holding the others up: those that do not answer a probe, else those
@@ -392,15 +379,18 @@ class ReplicaGroup:
 
         Killing, not a polite leave of the process group: after a failure a peer may be
         stuck inside a collective, and a polite leave would wait for it."""
-        self._stopped.set()
+        self._drains.stop()
+        self.consume(self._unread, CLOSE_TIMEOUT_S)
+        self._unread = []
         if orderly and self._replicas:
             ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
-        for replica in self._replicas + [spare.actor for spare in self._spares]:
+        for replica in self._replicas + self._spares.actors():
             try:
                 ray.kill(replica, no_restart=True)
             except Exception:  # already dead: nothing left to free
                 pass
-        self._replicas, self._spares = [], []
+        self._replicas = []
+        self._spares.clear()
         if self._placement is not None:
             try:
                 remove_placement_group(self._placement)

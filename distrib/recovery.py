@@ -56,7 +56,10 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
     clock = _Clock()
     lost = set(err.ranks) if err.lost else set()
     group.kill(sorted(lost))
-    refs = err.outstanding
+    # The lost ranks' calls fail as Ray learns of their deaths, which takes a while; the group
+    # holds their refs and reads them when it stops (so Ray prints nothing), and no one waits.
+    group.read_at_stop([ref for rank, ref in err.outstanding if rank in lost])
+    refs = [(rank, ref) for rank, ref in err.outstanding if rank not in lost]
     unfinished, dead = group.consume([ref for _, ref in refs], DRAIN_TIMEOUT_S)
     lost |= {rank for rank, ref in refs if ref in unfinished or ref in dead}
     group.kill(sorted(lost))
@@ -145,11 +148,13 @@ class RecoveryLog:
         self.flush()
         self._pending = event
 
-    def step_finished(self, finished_at: float) -> None:
-        """A step finished: the first after a recovery completes its event."""
-        if self._pending is not None:
-            self._pending["first_step_s"] = finished_at - self._pending["detected_at"]
-            self.flush()
+    def step_finished(self, finished_at: float) -> bool:
+        """A step finished: the first after a recovery completes its event (returns True then)."""
+        if self._pending is None:
+            return False
+        self._pending["first_step_s"] = finished_at - self._pending["detected_at"]
+        self.flush()
+        return True
 
     def flush(self) -> None:
         if self._pending is not None:

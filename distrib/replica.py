@@ -64,11 +64,11 @@ class Replica:
         kept from the old group keeps its state (`snapshot` None) and its faults (`faults` None).
         All ranks of the new group must be called together."""
         cfg = self._trainer.cfg
+        if snapshot is not None:
+            self._trainer.restore(snapshot, step=first_step)
         comm.leave_process_group()
         comm.init_process_group(backend=cfg.backend, master_addr=master_addr, master_port=master_port,
                                 world_rank=world_rank, world_size=world_size, timeout_s=cfg.start_timeout_s)
-        if snapshot is not None:  # before DDP is built: it broadcasts rank 0's state
-            self._trainer.restore(snapshot, step=first_step)
         self._trainer.join(world_rank=world_rank, faults=faults)
 
     def status(self, since_step: int) -> tuple[int, list[StepRecord]]:

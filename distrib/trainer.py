@@ -106,7 +106,7 @@ class Trainer:
         self._held_out = None
         if faults is not None:
             self._faults = [f for f in faults if f.rank == world_rank]
-        if self.world_size > 1 and self.next_step > 0:
+        if self.world_size > 2 and self.next_step > 0:  # two values sum the same in either order
             self._settle_buckets()
         self.broken = None
         self.position = Position(self.next_step - 1, "idle")
@@ -144,11 +144,16 @@ class Trainer:
         # averaged over ranks before every fingerprint and state read instead (see
         # sync_buffers), saving a collective per step; under `sync` and `frozen` they are
         # identical already. Newer torch renamed the switch.
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        options = inspect.signature(DistributedDataParallel).parameters
+        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in options else {
+            "broadcast_buffers": False}
+        # No broadcast of rank 0's state at set-up either: every rank holds the same state by
+        # construction (same seed, same weights, same snapshot), and the driver's digest check
+        # right after proves it; the broadcast (90 MB) would only lengthen start-up and heals.
+        no_init_sync = {"init_sync": False} if "init_sync" in options else {}
         ddp = DistributedDataParallel(
             self.model, device_ids=[0] if self.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync)
+            bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync, **no_init_sync)
         # Our hook times the all-reduce window (exact with gloo) and can compress; on GPUs
         # without compression DDP keeps its built-in C++ hook, with no Python per bucket.
         if self.device.type == "cpu" or self.comm_hook.dtype is not None:
