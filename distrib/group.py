@@ -86,6 +86,9 @@ class ReplicaGroup:
         """Placement-group bundle of each rank."""
         self._spares = SparePool(self._start_spare)
         self._unread: list[ray.ObjectRef] = []
+        self._starting: dict[int, ray.ObjectRef] = {}
+        """Rank -> the `prepare` call of its fresh replacement, until wait_replaced."""
+        self._new_ranks: set[int] = set()
         self._weights: ray.ObjectRef | None = None
         self._nodes: list[NodeInfo] = []
         self._drains = DrainWatch(lambda: {n.node_id for n in self._nodes})
@@ -151,9 +154,11 @@ class ReplicaGroup:
 
     def replace(self, ranks: list[int]) -> dict[int, str]:
         """Kill `ranks` (lost or stuck) and put a new actor in each place: a ready hot spare, else a
-        fresh actor in the lost rank's bundle (Ray re-places a bundle whose node is gone). A used
-        spare's bundle gets a new spare in replenish_spares. Returns rank -> 'spare' or 'fresh'."""
+        fresh actor in the lost rank's bundle (Ray re-places a bundle whose node is gone), whose
+        start goes on meanwhile: `wait_replaced` waits for it. A used spare's bundle gets a new
+        spare in replenish_spares. Returns rank -> 'spare' or 'fresh'."""
         self.kill(ranks)
+        self._new_ranks.update(ranks)
         how = {}
         for rank in ranks:
             spare = self._spares.take()
@@ -163,14 +168,19 @@ class ReplicaGroup:
                 how[rank] = "spare"
             else:
                 self._replicas[rank] = self._new_actor(self._bundles[rank])
+                self._starting[rank] = self._replicas[rank].prepare.remote(self.cfg, weights=self._weights)
                 how[rank] = "fresh"
-        fresh = [rank for rank in ranks if how[rank] == "fresh"]
-        self.wait([self._replicas[r].prepare.remote(self.cfg, weights=self._weights) for r in fresh],
-                  "a new replica's set-up", self.cfg.start_timeout_s)
-        infos = self.wait([self._replicas[r].node_info.remote() for r in ranks], "start-up", self.cfg.start_timeout_s)
-        for rank, info in zip(ranks, infos):
-            self._nodes[rank] = info
         return how
+
+    def wait_replaced(self) -> None:
+        """Wait until every replacement has its model built, and learn where each runs."""
+        done = ray.put(None)  # for the other ranks: one ref per rank keeps index = rank
+        self.wait([self._starting.pop(rank, done) for rank in range(len(self._replicas))],
+                  "a new replica's set-up", self.cfg.start_timeout_s)
+        new, self._new_ranks = self._new_ranks, set()
+        infos = self.wait([r.node_info.remote() if rank in new else done for rank, r in enumerate(self._replicas)],
+                          "start-up", self.cfg.start_timeout_s)
+        self._nodes = [info if rank in new else node for rank, (info, node) in enumerate(zip(infos, self._nodes))]
 
     def replenish_spares(self) -> None:
         """Start new spares in the bundles used spares left. The driver calls it once the first

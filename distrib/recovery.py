@@ -3,9 +3,10 @@
     drop     kill the lost ranks, which makes every survivor's collective fail at once;
              each survivor drops its half-done step and leaves its process group; the
              calls queued behind the failure are consumed (their errors read, not printed)
-    replace  a hot spare, else a freshly started actor, takes each lost rank's place
+    replace  a hot spare, else a freshly started actor, takes each lost rank's place (a
+             fresh actor starts as soon as its rank is known lost, during the drop)
     state    the survivor furthest on hands its snapshot to the new ranks (and to any
-             survivor a step behind) through Ray's object store
+             survivor a step behind) through Ray's object store (made during the replace)
     group    every rank joins a new process group; DDP is rebuilt
 The driver then checks every rank's digest and runs the interrupted step again: no
 finished step is redone, and the run goes on bit-identical to an uninterrupted one
@@ -55,14 +56,15 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
     (no survivor, a replacement that cannot be placed within `timeout_s`)."""
     clock = _Clock()
     lost = set(err.ranks) if err.lost else set()
-    group.kill(sorted(lost))
+    replaced = group.replace(sorted(lost))  # kills them; fresh actors start while the rest goes on
     # The lost ranks' calls fail as Ray learns of their deaths, which takes a while; the group
     # holds their refs and reads them when it stops (so Ray prints nothing), and no one waits.
     group.read_at_stop([ref for rank, ref in err.outstanding if rank in lost])
     refs = [(rank, ref) for rank, ref in err.outstanding if rank not in lost]
     unfinished, dead = group.consume([ref for _, ref in refs], DRAIN_TIMEOUT_S)
-    lost |= {rank for rank, ref in refs if ref in unfinished or ref in dead}
-    group.kill(sorted(lost))
+    more = {rank for rank, ref in refs if ref in unfinished or ref in dead}
+    replaced.update(group.replace(sorted(more)))
+    lost |= more
     survivors = [rank for rank in range(len(group.replicas)) if rank not in lost]
     if not survivors:
         raise ReplicaError("no replica survived to heal from", ranks=sorted(lost), step=err.step)
@@ -75,16 +77,14 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
     for _, records in statuses:
         for record in records:
             unreported.setdefault(record["step"], []).append(record)
+    state = group.replicas[source].snapshot.remote() if needs_state else None  # made while replacements start
     clock.lap("drop")
 
-    replaced = group.replace(sorted(lost))
+    group.wait_replaced()
     clock.lap("replace")
-    state = None
-    if needs_state:
-        state = group.replicas[source].snapshot.remote()
-        if not ray.wait([state], timeout=timeout_s)[0]:
-            raise ReplicaError(f"{group.name([source])} did not hand over its state within {timeout_s:g} s",
-                               ranks=[source], step=err.step)
+    if state is not None and not ray.wait([state], timeout=timeout_s)[0]:
+        raise ReplicaError(f"{group.name([source])} did not hand over its state within {timeout_s:g} s",
+                           ranks=[source], step=err.step)
     clock.lap("state")
     group.reform(state=state, first_step=step, needs_state=needs_state, faults=faults)
     clock.lap("group")
