@@ -138,7 +138,7 @@ class RunConfig:
     recovery: Literal["heal", "restart"] = "heal"
     """`heal`: the surviving replicas keep their state and their place; only the lost ranks are
     replaced (by a hot spare, else a fresh actor) and filled from a healthy peer; no finished
-    step is redone. A heal that cannot be done (no survivor) falls back to a restart.
+    step is redone. Where a heal cannot be done (no survivor, NCCL) it falls back to a restart.
     `restart`: replace the whole group and go back to the newest snapshot (steps since redone)."""
     spare_workers: int = 0
     """Hot spares: actors placed and started ahead with the model built, outside the process

@@ -291,10 +291,10 @@ class Orchestrator:
         progress.advance(call.num_steps, self.step_count, metrics)
         return now
 
-    def _record_step(self, step: int, rank_records: list, wall_s: float) -> StepMetrics:
+    def _record_step(self, step: int, rank_records: list, wall_s: float, partial: bool = False) -> StepMetrics:
         metrics = aggregate(step=step, rank_records=rank_records, loss_kind=self.cfg.loss, wall_s=wall_s,
                             global_batch_size=self.cfg.global_batch_size, finished_at=time.time(),
-                            lr=lr_at(self.cfg, step))
+                            lr=lr_at(self.cfg, step), partial=partial)
         self.history.append(metrics)
         self.rundir.write_metrics(metrics)
         return metrics
@@ -348,33 +348,48 @@ class Orchestrator:
         try:
             self._recoveries.admit(err, step=self.step_count)
         except ReplicaError:
-            self._group.consume([ref for _, ref in err.outstanding], recovery.DRAIN_TIMEOUT_S)
+            self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
             raise
         event = recovery.failure_event(err, number=self.restarts, step=self.step_count, nodes=self._group.nodes,
                                        last_progress_at=self.history[-1].finished_at if self.history else None)
         if err.step is not None:  # a fault is spent once its step was handed out: do not re-arm it
             self._faults = [f for f in self._faults if f.step > err.step or f.kind == "error"]
-        if cfg.recovery == "heal" and not rebuild:
+        # NCCL reports a broken collective asynchronously, after later kernels (the optimizer's)
+        # were queued: a survivor's state is then not known to be at a step boundary.
+        if cfg.recovery == "heal" and cfg.backend == "gloo" and not rebuild:
             self._say(f"recovery {self.restarts}/{cfg.max_restarts}: {err}; healing at step {self.step_count}")
             try:
                 return self._heal(err, event)
-            except ReplicaError as heal_err:
+            except (ReplicaError, DivergenceError) as heal_err:
                 self._say(f"heal failed: {heal_err}; restarting the group")
         self._restart(err, event)
 
     def _heal(self, err: ReplicaError, event: dict) -> None:
         healed = recovery.heal(self._group, err, reported_to=self.step_count, faults=self._faults,
                                timeout_s=self.cfg.start_timeout_s)
+        self._recoveries.failed_at(healed.step)
         for step in range(self.step_count, healed.step):  # finished by all before the failure, never reported
-            records = healed.unreported[step]
-            self._record_step(step, records, wall_s=max(sum(r[p] for p in PHASES) for r in records))
+            records = healed.unreported[step]  # the survivors' only: the metrics say `partial`
+            self._record_step(step, records, wall_s=max(sum(r[p] for p in PHASES) for r in records),
+                              partial=len(records) < self.cfg.num_workers)
         self.step_count = self._formed_at_step = healed.step
         started = time.monotonic()
         self.check_consistency()
+        check_s = time.monotonic() - started
+        self._boundary_after_heal()
         event["ranks"] = sorted(set(err.ranks) | set(healed.replaced))  # all lost, not only the first seen
         self._recoveries.recovered({
             "event": "heal", **event, "replaced": {str(r): how for r, how in healed.replaced.items()},
-            **healed.phases_s, "check_s": time.monotonic() - started, "healed_at": time.time(), "steps_redone": 0})
+            **healed.phases_s, "check_s": check_s, "healed_at": time.time(), "steps_redone": 0})
+
+    def _boundary_after_heal(self) -> None:
+        """The checkpoint and evaluation due at the step a heal resumes from: the calls that held
+        them were dropped with the failure (the digest check stands for a check)."""
+        for kind in cadence.boundary_calls(self.cfg, self.step_count):
+            if kind == "checkpoint":
+                self._checkpoint_now(wait_for_disk=False)
+            elif kind == "eval":
+                self.evaluate()
 
     def _restart(self, err: ReplicaError, event: dict) -> None:
         """Replace the whole group and go back to the newest snapshot (or step 0)."""
@@ -382,7 +397,7 @@ class Orchestrator:
         self._say(f"restart {self.restarts}/{self.cfg.max_restarts}: {err}; going back to step {restore_step}")
         started = time.monotonic()
         self._group.stop()
-        self._group.consume([ref for _, ref in err.outstanding], recovery.DRAIN_TIMEOUT_S)
+        self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
         redone = self.step_count - restore_step
         self.step_count = restore_step
         self.history = [m for m in self.history if m.step < restore_step]

@@ -10,9 +10,9 @@
 
 It knows nothing of steps, snapshots or files: the driver hands it what to call and
 how long to wait. Every wait has a timeout, and every failure it raises names the
-rank, its node and pid: a dead replica is blamed rather than the peers whose
+rank, its node and pid (blame.py: a dead replica is blamed rather than the peers whose
 collective broke with it, and on a timeout a probe on each replica's own thread
-names the one holding the others up. While a wait goes on for more than a second,
+names the one holding the others up). While a wait goes on for more than a second,
 the same probes watch for a rank that stalls while its peers have moved on (stall.py).
 
 Placement: one bundle per rank and one per hot spare (`spare_workers`). A spare is
@@ -24,7 +24,6 @@ bundle the lost rank left.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 
@@ -32,11 +31,12 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distrib import blame
 from distrib.cluster import DrainWatch
 from distrib.config import RunConfig
 from distrib.errors import PlacementError, ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
-from distrib.protocol import NodeInfo, Position
+from distrib.protocol import NodeInfo
 from distrib.replica import CONCURRENCY_GROUPS, Replica
 from distrib.spares import SparePool
 from distrib.stall import StallProbes
@@ -45,21 +45,12 @@ log = logging.getLogger(__name__)
 
 PLACEMENT_POLL_S = 5.0
 """While waiting for resources, say what is missing this often."""
-DEAD_PEER_GRACE_S = 2.0
-"""When a rank's collective fails, how long to look for a peer that died (the real cause)."""
-PEER_PROBE_S = 1.0
-"""After a collective failed, a peer that does not answer a probe this long is taken for lost."""
-PROBE_TIMEOUT_S = 3.0
-"""How long a replica has to answer a position probe before it is called frozen or gone."""
 WAIT_SLICE_S = 0.5
 """Waits on replicas are cut into slices this long, and `check_abort` runs between them: a
 signal handler must not raise inside ray.wait (Ray turns that into a SystemError), so it
 only sets a flag, which takes effect within a slice."""
 CLOSE_TIMEOUT_S = 2.0
 """How long an orderly stop waits for the replicas to close their data loaders."""
-PEER_FAILURE = re.compile(r"Connection closed by peer|Connection reset|Read error|Write error|Broken pipe|"
-                          r"left its process group|NCCL communicator was aborted|remote process exited")
-"""Errors a rank raises because a peer failed (its collective broke), not from a fault of its own."""
 
 
 class ReplicaGroup:
@@ -78,7 +69,8 @@ class ReplicaGroup:
         a wait is under way)."""
         self.cfg = cfg
         self._say = say
-        self._check_abort = check_abort
+        self.check_abort = check_abort
+        """Raises to abandon a wait (a second stop signal); run between the slices of every wait."""
         self._wait_deadline = wait_deadline
         self._placement = None
         self._replicas: list = []
@@ -160,8 +152,9 @@ class ReplicaGroup:
         self.kill(ranks)
         self._new_ranks.update(ranks)
         how = {}
+        lost_nodes = {self._nodes[r].node_id for r in ranks if r < len(self._nodes)}
         for rank in ranks:
-            spare = self._spares.take()
+            spare = self._spares.take(avoid_nodes=lost_nodes)
             if spare is not None:
                 self._spares.refill_later(self._bundles[rank])
                 self._replicas[rank], self._bundles[rank] = spare
@@ -187,6 +180,16 @@ class ReplicaGroup:
         step after a heal has finished: a spare's start-up (torch's import, the model) would
         otherwise compete with that step for the node's CPUs."""
         self._spares.replenish()
+
+    def wait_ready(self, ref: ray.ObjectRef, what: str, timeout_s: float) -> bool:
+        """Wait for `ref` to be ready without fetching it (a snapshot on its way to other
+        replicas), in slices, like every wait; returns whether it became ready in time."""
+        deadline = time.monotonic() + timeout_s
+        while not ray.wait([ref], timeout=WAIT_SLICE_S)[0]:
+            self.check_abort()
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     def read_at_stop(self, refs: list) -> None:
         """Hold `refs` (calls of lost ranks) and read them when the group stops, not now."""
@@ -250,7 +253,7 @@ class ReplicaGroup:
         ready = self._placement.ready()
         polled = time.monotonic()
         while not ray.wait([ready], timeout=min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
-            self._check_abort()
+            self.check_abort()
             if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
                 continue
             polled = time.monotonic()
@@ -286,100 +289,33 @@ class ReplicaGroup:
         otherwise. `step` is carried on the error for the caller's recovery policy.
         """
         pending = {ref: rank for rank, ref in enumerate(refs)}
-        results: list = [None] * len(refs)
         started = time.monotonic()
         watch = StallProbes(self, stall_after_s, started) if stall_after_s else None
-        while pending:
-            cap = self._wait_deadline()
-            remaining_s = min(started + timeout_s, cap if cap is not None else float("inf")) - time.monotonic()
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(WAIT_SLICE_S, remaining_s)))
-            self._check_abort()
-            if watch is not None and not ready:
-                watch.poll(what, step)
-            if not ready and remaining_s > WAIT_SLICE_S:
-                continue
-            if not ready:
-                waited_s = time.monotonic() - started
-                text, stuck = self.diagnose(sorted(pending.values()))
-                raise ReplicaTimeout(f"{what} did not finish within {waited_s:.1f} s: {text}", ranks=stuck,
-                                     step=step, cause=f"{what} did not finish: stuck")
-            rank = pending.pop(ready[0])
-            try:
-                results[rank] = ray.get(ready[0])
-            except ray.exceptions.RayError as err:
-                raise self._blame(rank, err, pending, what, step) from err
-        return results
-
-    def _blame(self, rank: int, err: ray.exceptions.RayError, pending: dict[ray.ObjectRef, int], what: str,
-               step: int | None) -> ReplicaError:
-        """The error to raise for `rank`'s failed call: a dead peer's death broke the collectives of
-        the ranks still alive, and a rank's own error (not one caused by a peer) breaks its
-        peers' collectives too, so those are blamed, rather than the first rank to report."""
-        if isinstance(err, ray.exceptions.RayActorError):
-            return ReplicaError(f"{self.name([rank])} died during {what}: {_first_line(err)}", ranks=[rank],
-                                step=step, cause="process died")
-        causes = {rank: _cause(err)}
-        dead = self._peers_after_failure(pending, causes) if pending else []
-        if dead:
-            return ReplicaError(f"{self.name(dead)} died during {what} (so {self.name([rank])} failed: "
-                                f"{causes[rank]})", ranks=dead, step=step, cause="process died")
-        own = sorted(r for r, cause in causes.items() if not PEER_FAILURE.search(cause)) or [rank]
-        return ReplicaError(f"{self.name(own)} failed during {what}: {causes[own[0]]}", ranks=own, step=step,
-                            lost=False, cause=causes[own[0]])
-
-    def _peers_after_failure(self, pending: dict[ray.ObjectRef, int], causes: dict[int, str]) -> list[int]:
-        """Wait up to DEAD_PEER_GRACE_S for the other ranks' results of a failed call (`pending`),
-        reading their errors into `causes`; returns the ranks found dead: their actor died, or
-        they did not answer a probe within PEER_PROBE_S (a lost node, which Ray takes seconds to
-        declare dead, while the connections of its processes closed at once)."""
-        probes = {self._replicas[r].position.remote(): r for r in pending.values()}
-        self.read_at_stop(list(probes))
-        left, answered, dead = dict(pending), set(), set()
-        started = time.monotonic()
-        while left and time.monotonic() - started < DEAD_PEER_GRACE_S:
-            refs = list(left) + [ref for ref, r in probes.items() if r not in answered]
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
-            for ref in done:
-                if ref in probes:
-                    try:
-                        ray.get(ref)
-                        answered.add(probes[ref])
-                    except ray.exceptions.RayError:
-                        dead.add(probes[ref])
+        results: list = [None] * len(refs)
+        try:
+            while pending:
+                cap = self._wait_deadline()
+                remaining_s = min(started + timeout_s, cap if cap is not None else float("inf")) - time.monotonic()
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(WAIT_SLICE_S, remaining_s)))
+                self.check_abort()
+                if watch is not None and not ready:
+                    watch.poll(what, step)
+                if not ready and remaining_s > WAIT_SLICE_S:
                     continue
-                rank = left.pop(ref)
+                if not ready:
+                    waited_s = time.monotonic() - started
+                    text, stuck = blame.diagnose(self, sorted(pending.values()))
+                    raise ReplicaTimeout(f"{what} did not finish within {waited_s:.1f} s: {text}", ranks=stuck,
+                                         step=step, cause=f"{what} did not finish: stuck")
+                rank = pending.pop(ready[0])
                 try:
-                    ray.get(ref)
-                except ray.exceptions.RayActorError:
-                    dead.add(rank)
-                except ray.exceptions.RayError as other:
-                    causes[rank] = _cause(other)
-            silent = set(left.values()) - answered
-            if dead or (silent and time.monotonic() - started >= PEER_PROBE_S):
-                return sorted(dead | silent)
-        return []
-
-    def diagnose(self, late_ranks: list[int]) -> tuple[str, list[int]]:
-        """Name the ranks holding the others up: those that do not answer a probe, else those
-        of `late_ranks` furthest behind (the rest are waiting for them in a collective).
-        Returns the text and those ranks."""
-        probes = self.call("position")
-        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=PROBE_TIMEOUT_S)
-        positions: dict[int, Position] = {}
-        for rank, ref in enumerate(probes):
-            if ref in ready:
-                try:
-                    positions[rank] = ray.get(ref)
-                except ray.exceptions.RayError:
-                    pass
-        silent = [r for r in range(len(probes)) if r not in positions]
-        if silent:
-            return f"{self.name(silent)} did not answer a probe (stopped, frozen or gone)", silent
-        behind = min(positions[r].progress() for r in late_ranks)
-        stuck = [r for r in late_ranks if positions[r].progress() == behind]
-        where = positions[stuck[0]]
-        waiting = "" if len(stuck) == len(positions) else "; the other ranks are waiting further on"
-        return f"{self.name(stuck)} stuck at step {where.step} in {where.phase}{waiting}", stuck
+                    results[rank] = ray.get(ready[0])
+                except ray.exceptions.RayError as err:
+                    raise blame.blame(self, rank, err, pending, what, step) from err
+            return results
+        finally:
+            if watch is not None:
+                watch.close()
 
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, *, orderly: bool = False) -> None:
@@ -390,8 +326,6 @@ class ReplicaGroup:
         Killing, not a polite leave of the process group: after a failure a peer may be
         stuck inside a collective, and a polite leave would wait for it."""
         self._drains.stop()
-        self.consume(self._unread, CLOSE_TIMEOUT_S)
-        self._unread = []
         if orderly and self._replicas:
             ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
         for replica in self._replicas + self._spares.actors():
@@ -399,7 +333,10 @@ class ReplicaGroup:
                 ray.kill(replica, no_restart=True)
             except Exception:  # already dead: nothing left to free
                 pass
-        self._replicas = []
+        # Calls of lost ranks and probes nobody read: read now that every actor is gone, so Ray
+        # prints no error for them.
+        self.consume(self._unread + list(self._starting.values()) + self._spares.refs(), CLOSE_TIMEOUT_S)
+        self._unread, self._starting, self._replicas = [], {}, []
         self._spares.clear()
         if self._placement is not None:
             try:
@@ -407,14 +344,3 @@ class ReplicaGroup:
             except Exception:
                 pass
             self._placement = None
-
-
-def _cause(err: ray.exceptions.RayError) -> str:
-    """'Type: first line' of the exception a replica raised."""
-    cause = getattr(err, "cause", None) or err
-    return f"{type(cause).__name__}: {_first_line(cause)}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

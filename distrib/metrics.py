@@ -36,6 +36,9 @@ class StepMetrics:
     comm_s: float = 0.0
     """Mean over ranks of the all-reduce window (first bucket sent to last received); it
     overlaps backward_s. 0 at world size 1."""
+    partial: bool = False
+    """True for a step every rank finished but whose results reached the driver from some
+    ranks only (the others were lost right after it): loss and times are theirs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,12 +68,12 @@ def combine_evals(*, step: int, rank_records: list[EvalRecord], eval_s: float, f
 
 
 def aggregate(*, step: int, rank_records: list[StepRecord], loss_kind: str, global_batch_size: int,
-              wall_s: float, finished_at: float, lr: float) -> StepMetrics:
+              wall_s: float, finished_at: float, lr: float, partial: bool = False) -> StepMetrics:
     """Combine each rank's record of one step. Phase times are the mean over ranks."""
     losses = [r["loss"] for r in rank_records]
     loss = sum(losses) if loss_kind == "sum" else sum(losses) / len(losses)
     phases = {p: statistics.fmean(r[p] for r in rank_records) for p in (*PHASES, "comm_s")}
-    return StepMetrics(step=step, finished_at=finished_at, loss=loss, wall_s=wall_s, lr=lr,
+    return StepMetrics(step=step, finished_at=finished_at, loss=loss, wall_s=wall_s, lr=lr, partial=partial,
                        images_per_s=global_batch_size / wall_s if wall_s > 0 else 0.0,
                        step_s=max(sum(r[p] for p in PHASES) for r in rank_records), **phases)
 

@@ -31,7 +31,7 @@ from distrib.faults import Fault
 from distrib.group import ReplicaGroup
 from distrib.protocol import NodeInfo, StepRecord
 
-DRAIN_TIMEOUT_S = 5.0
+QUEUED_CALLS_TIMEOUT_S = 5.0
 """How long the survivors have to give up the calls queued behind a failure; a survivor
 still busy then is stuck too, and is replaced."""
 
@@ -61,15 +61,18 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
     # holds their refs and reads them when it stops (so Ray prints nothing), and no one waits.
     group.read_at_stop([ref for rank, ref in err.outstanding if rank in lost])
     refs = [(rank, ref) for rank, ref in err.outstanding if rank not in lost]
-    unfinished, dead = group.consume([ref for _, ref in refs], DRAIN_TIMEOUT_S)
+    unfinished, dead = group.consume([ref for _, ref in refs], QUEUED_CALLS_TIMEOUT_S)
     more = {rank for rank, ref in refs if ref in unfinished or ref in dead}
+    group.read_at_stop(list(unfinished))
     replaced.update(group.replace(sorted(more)))
     lost |= more
     survivors = [rank for rank in range(len(group.replicas)) if rank not in lost]
     if not survivors:
         raise ReplicaError("no replica survived to heal from", ranks=sorted(lost), step=err.step)
-    statuses = group.wait([group.replicas[r].status.remote(reported_to) for r in survivors], "the survivors' status",
-                          timeout_s)
+    nothing = ray.put((-1, []))  # for the lost ranks: one ref per rank keeps index = rank in the wait
+    replies = group.wait([r.status.remote(reported_to) if rank in survivors else nothing
+                          for rank, r in enumerate(group.replicas)], "the survivors' status", timeout_s)
+    statuses = [replies[rank] for rank in survivors]
     step = max(next_step for next_step, _ in statuses)
     source = next(rank for rank, (next_step, _) in zip(survivors, statuses) if next_step == step)
     needs_state = sorted(lost | {rank for rank, (next_step, _) in zip(survivors, statuses) if next_step < step})
@@ -82,7 +85,7 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
 
     group.wait_replaced()
     clock.lap("replace")
-    if state is not None and not ray.wait([state], timeout=timeout_s)[0]:
+    if state is not None and not group.wait_ready(state, "the state hand-over", timeout_s):
         raise ReplicaError(f"{group.name([source])} did not hand over its state within {timeout_s:g} s",
                            ranks=[source], step=err.step)
     clock.lap("state")
@@ -133,15 +136,23 @@ class RecoveryLog:
 
     def admit(self, err: ReplicaError, *, step: int) -> None:
         """Count a recovery from `err`, raised while running `step`; or raise the ReplicaError that
-        ends the run: no restarts left, or the same failure at the same step as the last one."""
-        failure = (err.cause, step)
-        if self.count >= self._max_restarts or failure == self._last_failure:
-            why = (f"no restarts left: max_restarts={self._max_restarts}" if failure != self._last_failure else
+        ends the run: no restarts left, or the same error raised by a replica at the same step
+        as the last one (a lost process or node, a stall, is a fault however often it comes)."""
+        failure = (err.cause, step) if not err.lost else None
+        deterministic = failure is not None and failure == self._last_failure
+        if self.count >= self._max_restarts or deterministic:
+            why = (f"no restarts left: max_restarts={self._max_restarts}" if not deterministic else
                    f"the same failure at step {step} as before: deterministic, not retried")
             raise ReplicaError(f"{err} ({why})", ranks=err.ranks, step=err.step, lost=err.lost,
                                cause=err.cause) from err
         self._last_failure = failure
         self.count += 1
+
+    def failed_at(self, step: int) -> None:
+        """The last failure was at `step` (a heal found where it broke: a call of several steps
+        fails at one of them), so the same error there again is recognised."""
+        if self._last_failure is not None:
+            self._last_failure = (self._last_failure[0], step)
 
     def recovered(self, event: dict) -> None:
         """A recovery is done; `event` has its kind, cause, detected_at and phase times."""

@@ -18,6 +18,8 @@ class _Spare:
     bundle: int
     ready: ray.ObjectRef
     """Its `prepare` call: done once the model is built."""
+    node: ray.ObjectRef
+    """Its `node_info` call, queued behind `prepare`."""
 
 
 class SparePool:
@@ -29,22 +31,28 @@ class SparePool:
 
     def add(self, bundle: int) -> None:
         actor, ready = self._start(bundle)
-        self._spares.append(_Spare(actor, bundle, ready))
+        self._spares.append(_Spare(actor, bundle, ready, actor.node_info.remote()))
 
-    def take(self) -> tuple[ray.actor.ActorHandle, int] | None:
-        """A spare whose model is built, out of the pool: (actor, its bundle); None when none is
-        ready. Spares that failed to start (their node went) are dropped on the way."""
-        if not self._spares:
-            return None
-        done, _ = ray.wait([s.ready for s in self._spares], num_returns=len(self._spares), timeout=0)
-        for spare in [s for s in self._spares if s.ready in done]:
-            self._spares.remove(spare)
+    def take(self, *, avoid_nodes: set[str]) -> tuple[ray.actor.ActorHandle, int] | None:
+        """A spare whose model is built, out of the pool: (actor, its bundle), one off
+        `avoid_nodes` (the lost ranks' nodes, which may be gone) if there is one; None when
+        none is ready. Spares that failed (their node went) are dropped on the way."""
+        ready = []
+        for spare in list(self._spares):
+            done, _ = ray.wait([spare.ready, spare.node], num_returns=2, timeout=0)
+            if len(done) < 2:  # still starting
+                continue
             try:
                 ray.get(spare.ready)
-                return spare.actor, spare.bundle
+                ready.append((ray.get(spare.node).node_id in avoid_nodes, spare))
             except ray.exceptions.RayError as err:
                 log.warning("a hot spare failed to start and is dropped: %s", str(err).strip().splitlines()[0])
-        return None
+                self._spares.remove(spare)
+        if not ready:
+            return None
+        _, spare = min(ready, key=lambda pair: pair[0])  # False (off the lost nodes) first
+        self._spares.remove(spare)
+        return spare.actor, spare.bundle
 
     def refill_later(self, bundle: int) -> None:
         """`bundle` (a used spare left it) gets a new spare at the next `replenish`."""
@@ -57,6 +65,10 @@ class SparePool:
 
     def actors(self) -> list[ray.actor.ActorHandle]:
         return [spare.actor for spare in self._spares]
+
+    def refs(self) -> list[ray.ObjectRef]:
+        """The spares' set-up calls, to read once they are killed."""
+        return [ref for spare in self._spares for ref in (spare.ready, spare.node)]
 
     def clear(self) -> None:
         self._spares, self._free_bundles = [], []

@@ -6,7 +6,8 @@ on. A rank whose position has not changed for `limit_s` while some peer is furth
 is stalled: its peers are waiting for it in a collective. A rank that stops answering
 probes while its peers answer is stalled as well (a stopped or frozen process). A
 group where every rank sits still is not named here: that is the hang limit's case
-(the backstop), since no rank is behind the others.
+(the backstop), since no rank is behind the others; so is a rank that froze where its
+peers then came to wait with it (at the front, in the same phase).
 
 StallWatch is the rule, pure Python, unit-tested on its own; StallProbes feeds it
 from the replicas during one of ReplicaGroup's waits.
@@ -84,6 +85,11 @@ class StallProbes:
         self._watch = StallWatch(len(group.replicas), limit_s=limit_s, now=started)
         self._probes: dict[ray.ObjectRef, int] = {}
         self._sent = started
+
+    def close(self) -> None:
+        """The wait is over: the group reads the probes still out when it stops."""
+        self._group.read_at_stop(list(self._probes))
+        self._probes = {}
 
     def poll(self, what: str, step: int | None) -> None:
         now = time.monotonic()

@@ -40,7 +40,7 @@ def test_other_precisions_step(tmp_path, precision):
     assert all(math.isfinite(m.loss) for m in metrics)
 
 
-def testdevice_checksum_matches_the_cpu_and_sees_changes():
+def test_device_checksum_matches_the_cpu_and_sees_changes():
     tensor = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     on_gpu = tensor.cuda()
     assert int(device_checksum(on_gpu)) == int(device_checksum(tensor))
