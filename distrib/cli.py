@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from distrib import config, folders
+from distrib import config, folders, preflight
 from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError, StoppedAtOnce
 
 
@@ -107,7 +107,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config.load(saved, args.overrides)
     else:
         cfg = config.load(args.config, args.overrides)
-    folders.check(cfg)  # before Ray starts: a bad folder is a one-line error in a second
+    # Before Ray starts: what can never run is a one-line error in a second.
+    preflight.check(cfg, local=not (args.address or os.environ.get("RAY_ADDRESS")))
     connect_ray(args.address)
     stop = _StopSignals()
     orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)
@@ -149,7 +150,7 @@ def _report_stop(orch, failure: ReplicaError | None) -> int:
 
 def _newest(orch) -> str:
     """Where a stopped run can be resumed from, in words."""
-    if orch.rundir is None:
+    if orch.rundir is None or not orch.rundir.path.exists():  # none made, or a failed start's removed
         return "nothing was written"
     newest = orch.rundir.newest_checkpoint()
     if newest is None:

@@ -19,6 +19,7 @@ load weights.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from typing import Literal
 
 import ray
 
-from distrib import cadence, comm, faults, folders, recovery
+from distrib import cadence, comm, faults, folders, preflight, recovery
 from distrib.cluster import cluster_gpus, connect_ray
 from distrib.config import RunConfig
 from distrib.errors import ConfigError, DivergenceError, ReplicaError
@@ -101,9 +102,9 @@ class Orchestrator:
         """Open the run directory, place and start the replicas, connect them, and verify
         they hold identical state."""
         try:
+            preflight.check(self.requested_cfg, local=not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")))
             connect_ray()
             cfg = comm.resolve_config(self.requested_cfg, cluster_gpus=cluster_gpus())
-            folders.check(cfg)
             if self.resume_dir is not None:
                 self.rundir = RunDir.resume(self.resume_dir, cfg, say=self._say)
             else:
@@ -119,6 +120,8 @@ class Orchestrator:
             self._start_group()
         except BaseException:
             self.shutdown()
+            if self.rundir is not None and self.resume_dir is None:
+                self.rundir.discard()  # nothing ran: leave no half-made run directory behind
             raise
 
     def _load_weights(self):

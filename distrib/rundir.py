@@ -53,6 +53,7 @@ class RunDir:
         self._metrics = _MetricsLog(path / "metrics.jsonl")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending_write: Future | None = None
+        self._made_dir = False
 
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:
@@ -61,8 +62,11 @@ class RunDir:
         if (path / "metrics.jsonl").exists():
             raise ConfigError(f"run_dir: {str(path)!r} already holds a run (metrics.jsonl); "
                               "choose another run_dir, remove it, or resume it with --resume")
+        made = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path, cfg, snapshot=None)
+        run = cls(path, cfg, snapshot=None)
+        run._made_dir = made
+        return run
 
     @classmethod
     def resume(cls, path: str | Path, cfg: RunConfig, *, say: Callable[[str], None]) -> RunDir:
@@ -126,6 +130,15 @@ class RunDir:
         """Finish the checkpoint being written (never cut short) and close the metrics file."""
         self._writer.shutdown(wait=True)
         self._metrics.close()
+
+    def discard(self) -> None:
+        """Remove what this run wrote, after a start that failed before any step: the files of a
+        run, and the directory itself if `create` made it (a directory that was there stays)."""
+        self.close()
+        for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "classes.json", "summary.json"):
+            (self.path / name).unlink(missing_ok=True)
+        if self._made_dir and not any(self.path.iterdir()):
+            self.path.rmdir()
 
 
 class _MetricsLog:

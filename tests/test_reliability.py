@@ -116,3 +116,18 @@ def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("distrib: error: no valid checkpoint in") and "is truncated" in last
+
+
+def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
+    from distrib import PlacementError
+
+    run_dir = tmp_path / "run"  # 6 workers x 1 CPU on the module's 4-CPU instance: never placed
+    with pytest.raises(PlacementError, match="could not place 6 x"):
+        Orchestrator(base_cfg(run_dir).replace(num_workers=6, start_timeout_s=1), progress=False).start()
+    assert not run_dir.exists()
+    kept = tmp_path / "kept"  # a directory that was there before stays, emptied of the run's files
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(PlacementError):
+        Orchestrator(base_cfg(kept).replace(num_workers=6, start_timeout_s=1), progress=False).start()
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
