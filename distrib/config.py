@@ -133,6 +133,9 @@ class RunConfig:
     space them by seconds of training, not a few steps."""
     keep_checkpoints: int = 2
     """Checkpoint files kept on disk (the newest ones)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to RUN_DIR/tb (from the driver): per step loss, learning
+    rate, images/s and phase times; per evaluation loss, top-1 and top-5; the config as text."""
     max_restarts: int = 3
     """Recoveries (heals and restarts) after a lost, stalled or failed replica before giving up."""
     recovery: Literal["heal", "restart"] = "heal"

@@ -15,6 +15,7 @@ thread, one write at a time, in step order. It knows no Ray and no torch.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,11 @@ class RunDir:
         """The newest snapshot (None before the first): where a recovery starts."""
         self._write_config()
         self._metrics = _MetricsLog(path / "metrics.jsonl")
+        self._tensorboard = None
+        if self.cfg.tensorboard:
+            from distrib.tblog import TensorBoardLog
+
+            self._tensorboard = TensorBoardLog(path / "tb", self.cfg)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending_write: Future | None = None
         self._made_dir = False
@@ -112,13 +118,20 @@ class RunDir:
     # ---- records -----------------------------------------------------------------------------
     def write_metrics(self, metrics: StepMetrics | EvalMetrics) -> None:
         self._metrics.write(metrics)
+        if self._tensorboard is not None:
+            self._tensorboard.write(metrics)
 
     def rewind(self, step: int) -> None:
         """Forget the metrics of steps from `step` on: they are about to be run again."""
         self._metrics.truncate(step)
+        if self._tensorboard is not None:
+            from distrib.tblog import TensorBoardLog
+
+            self._tensorboard.close()
+            self._tensorboard = TensorBoardLog(self.path / "tb", self.cfg, purge_step=step)
 
     def record_event(self, event: dict) -> None:
-        """Append one line to RUN_DIR/events.jsonl (a restart: ranks, nodes, step, cause, times)."""
+        """Append one line to RUN_DIR/events.jsonl (a recovery: ranks, nodes, step, cause, times)."""
         with (self.path / "events.jsonl").open("a") as f:
             f.write(json.dumps(event) + "\n")
 
@@ -127,9 +140,11 @@ class RunDir:
         (self.path / name).write_text(json.dumps(value, indent=2) + "\n")
 
     def close(self) -> None:
-        """Finish the checkpoint being written (never cut short) and close the metrics file."""
+        """Finish the checkpoint being written (never cut short) and close the metrics files."""
         self._writer.shutdown(wait=True)
         self._metrics.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def discard(self) -> None:
         """Remove what this run wrote, after a start that failed before any step: the files of a
@@ -137,6 +152,7 @@ class RunDir:
         self.close()
         for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "classes.json", "summary.json"):
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "tb", ignore_errors=True)
         if self._made_dir and not any(self.path.iterdir()):
             self.path.rmdir()
 

@@ -35,7 +35,7 @@ def records(run_dir, kind: str) -> list[dict]:
 
 def test_learns_real_images_then_exports_a_plain_torchvision_model(digits_folder, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = digits_cfg(digits_folder, run_dir)
+    cfg = digits_cfg(digits_folder, run_dir, tensorboard=True)
     with Orchestrator(cfg, progress=False) as orch:
         orch.train()
     evals = records(run_dir, "eval")
@@ -47,6 +47,17 @@ def test_learns_real_images_then_exports_a_plain_torchvision_model(digits_folder
     assert [s["lr"] for s in steps] == [lr_at(cfg, s["step"]) for s in steps]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_top1"] == evals[-1]["top1"] and summary["best_top1"] == max(e["top1"] for e in evals)
+
+    # TensorBoard's own reader sees what metrics.jsonl says (as float32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tb")).Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [s["step"] for s in steps]
+    assert [e.value for e in board.Scalars("train/loss")] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
+    assert [e.value for e in board.Scalars("train/lr")] == pytest.approx([s["lr"] for s in steps], rel=1e-6)
+    assert [e.value for e in board.Scalars("eval/top1")] == pytest.approx([e["top1"] for e in evals], rel=1e-6)
+    assert {"train/images_per_s", "phase/data_s", "phase/backward_s", "phase/comm_s"} <= set(board.Tags()["scalars"])
+    assert b"num_workers: 2" in board.Tensors("config/text_summary")[0].tensor_proto.string_val[0]
 
     done = subprocess.run([sys.executable, "-m", "distrib", "export", str(run_dir), "--out",
                            str(tmp_path / "digits.pth")], capture_output=True, text=True, timeout=300)
