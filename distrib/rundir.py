@@ -3,13 +3,15 @@
     RUN_DIR/config.yaml     the resolved config the run goes on with (what --resume reads)
     RUN_DIR/metrics.jsonl   one line per finished step ("kind": "step") and evaluation ("kind": "eval")
     RUN_DIR/classes.json    the names of the model's output classes, in order
-    RUN_DIR/events.jsonl    one line per restart
-    RUN_DIR/summary.json    throughput and the step-time breakdown, at the end
+    RUN_DIR/events.jsonl    one line per recovery (heal or restart), with its phase times
+    RUN_DIR/summary.json    throughput, the step-time breakdown, recoveries and goodput, at the end
     RUN_DIR/checkpoints/    the newest keep_checkpoints snapshots (see checkpoint.py)
+    RUN_DIR/tb/             TensorBoard event files, with `tensorboard: true` (see tblog.py)
 
 The driver's loop says *when* (cadence.py), then calls `save`; this module says *how*:
 the snapshot is kept in memory for recovery and written to disk on a background
-thread, one write at a time, in step order. It knows no Ray and no torch.
+thread, one write at a time, in step order. It knows no Ray, and no torch unless
+TensorBoard files are asked for.
 """
 
 from __future__ import annotations
