@@ -349,14 +349,12 @@ class Orchestrator:
         go back to the newest snapshot; or give up: out of restarts, or a deterministic failure."""
         cfg = self.cfg
         try:
-            self._recoveries.admit(err, step=self.step_count)
+            event = self._recoveries.admit(err, step=self.step_count, nodes=self._group.nodes,
+                                           last_progress_at=self.history[-1].finished_at if self.history else None)
         except ReplicaError:
             self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
             raise
-        event = recovery.failure_event(err, number=self.restarts, step=self.step_count, nodes=self._group.nodes,
-                                       last_progress_at=self.history[-1].finished_at if self.history else None)
-        if err.step is not None:  # a fault is spent once its step was handed out: do not re-arm it
-            self._faults = [f for f in self._faults if f.step > err.step or f.kind == "error"]
+        self._faults = faults.unspent(self._faults, handed_out=err.step)
         # NCCL reports a broken collective asynchronously, after later kernels (the optimizer's)
         # were queued: a survivor's state is then not known to be at a step boundary.
         if cfg.recovery == "heal" and cfg.backend == "gloo" and not rebuild:

@@ -47,6 +47,14 @@ def parse(text: str, *, num_workers: int) -> list[Fault]:
     return faults
 
 
+def unspent(faults: list[Fault], *, handed_out: int | None) -> list[Fault]:
+    """The faults still to come once the steps up to `handed_out` were handed to the replicas
+    (None: none were): a kill or stall there has fired; an error fault fires every time."""
+    if handed_out is None:
+        return faults
+    return [f for f in faults if f.step > handed_out or f.kind == "error"]
+
+
 def fire(fault: Fault) -> None:
     """Make this process fail as `fault` says."""
     if fault.kind == "error":

@@ -95,19 +95,6 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
                   phases_s=clock.laps)
 
 
-def failure_event(err: ReplicaError, *, number: int, step: int, nodes: list[NodeInfo],
-                  last_progress_at: float | None) -> dict:
-    """What events.jsonl says of a failure, before the recovery adds its own figures. detect_s
-    runs from the last step finished: for a fault as a step starts, its detection time."""
-    detected_at = time.time()
-    event = {"recovery": number, "ranks": err.ranks, "step": step, "cause": str(err),
-             "nodes": sorted({nodes[r].node for r in err.ranks if r < len(nodes)}),
-             "last_progress_at": last_progress_at, "detected_at": detected_at}
-    if last_progress_at is not None:
-        event["detect_s"] = detected_at - last_progress_at
-    return event
-
-
 class _Clock:
     def __init__(self):
         self.laps: dict[str, float] = {}
@@ -134,10 +121,13 @@ class RecoveryLog:
         """Recoveries begun (heals and restarts)."""
         self.done: list[dict] = []
 
-    def admit(self, err: ReplicaError, *, step: int) -> None:
-        """Count a recovery from `err`, raised while running `step`; or raise the ReplicaError that
-        ends the run: no restarts left, or the same error raised by a replica at the same step
-        as the last one (a lost process or node, a stall, is a fault however often it comes)."""
+    def admit(self, err: ReplicaError, *, step: int, nodes: list[NodeInfo], last_progress_at: float | None) -> dict:
+        """Count a recovery from `err`, raised while running `step`, and return what events.jsonl
+        will say of the failure (the recovery adds its own figures); or raise the ReplicaError
+        that ends the run: no restarts left, or the same error raised by a replica at the same
+        step as the last one (a lost process or node, a stall, is a fault however often it
+        comes). detect_s runs from the last step finished: for a fault as a step starts, its
+        detection time."""
         failure = (err.cause, step) if not err.lost else None
         deterministic = failure is not None and failure == self._last_failure
         if self.count >= self._max_restarts or deterministic:
@@ -147,6 +137,13 @@ class RecoveryLog:
                                cause=err.cause) from err
         self._last_failure = failure
         self.count += 1
+        detected_at = time.time()
+        event = {"recovery": self.count, "ranks": err.ranks, "step": step, "cause": str(err),
+                 "nodes": sorted({nodes[r].node for r in err.ranks if r < len(nodes)}),
+                 "last_progress_at": last_progress_at, "detected_at": detected_at}
+        if last_progress_at is not None:
+            event["detect_s"] = detected_at - last_progress_at
+        return event
 
     def failed_at(self, step: int) -> None:
         """The last failure was at `step` (a heal found where it broke: a call of several steps
