@@ -9,6 +9,7 @@ Also runs the tutorial's step (1 image, 64 px, fp32) through distrib and plainly
 prints both losses.
 
     python bench/gpu_step.py [--rounds 4] [--only 64] [--json results.json]
+    python bench/gpu_step.py --defaults               # with configs/gpu.yaml's checks and snapshots
     python bench/gpu_step.py --device cpu --quick     # a smoke run of the script itself
 
 Targets: 224 px / batch 256: distrib / bare >= 0.98; 64 px / batch 32: >= 0.95.
@@ -20,12 +21,13 @@ import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 
 import ray
 import torch
 import torchvision
 
-from distrib import Orchestrator, RunConfig
+from distrib import Orchestrator, RunConfig, config
 from distrib.tutorial import seed_step
 
 
@@ -61,7 +63,7 @@ def bare_loop(*, device: str, image_size: int, batch_size: int, precision: str, 
 
 
 def compare(*, device: str, image_size: int, batch_size: int, precision: str, steps: int, steps_per_call: int,
-            rounds: int) -> list[tuple[float, float]]:
+            rounds: int, check_every: int = 0, checkpoint_every: int = 0) -> list[tuple[float, float]]:
     """(bare images/s, distrib images/s) per round. One distrib run serves every round, so
     rounds alternate the two without restarts; distrib's figure is the driver's wall time
     for the round's steps (Ray calls included), after a warm-up call."""
@@ -69,8 +71,9 @@ def compare(*, device: str, image_size: int, batch_size: int, precision: str, st
         cfg = RunConfig(num_workers=1, device=device, batch_size_per_worker=batch_size, image_size=image_size,
                         precision=precision, channels_last=True, steps=steps_per_call + rounds * steps,
                         steps_per_call=steps_per_call, run_dir=f"{tmp}/run",
-                        # the bare loop neither checks nor checkpoints: time training alone
-                        check_every=0, checkpoint_every=0)
+                        # 0, 0: time training alone, as the bare loop neither checks nor checkpoints;
+                        # --defaults: as configs/gpu.yaml runs, each round holding one snapshot
+                        check_every=check_every, checkpoint_every=checkpoint_every)
         pairs = []
         with Orchestrator(cfg, progress=False) as orch:
             orch.train(steps_per_call)  # warm-up: cuDNN autotuning, the caching allocator
@@ -80,8 +83,12 @@ def compare(*, device: str, image_size: int, batch_size: int, precision: str, st
                 segment = orch.train(steps)
                 ours = steps * batch_size / sum(m.wall_s for m in segment)
                 pairs.append((bare, ours))
+                # A call's steps share its wall time: the call holding a pause (a snapshot) stands out.
+                calls = sorted(m.wall_s * steps_per_call for m in segment[::steps_per_call])
+                pause = (f", slowest call over the median {(calls[-1] - calls[len(calls) // 2]) * 1e3:.1f} ms "
+                         f"(a step {1e3 * batch_size / ours:.1f} ms)" if checkpoint_every else "")
                 print(f"{image_size} px, batch {batch_size}: bare {bare:9.1f} img/s, distrib {ours:9.1f} img/s, "
-                      f"ratio {ours / bare:.3f}", flush=True)
+                      f"ratio {ours / bare:.3f}{pause}", flush=True)
         return pairs
 
 
@@ -91,8 +98,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--only", type=int, help="run only the workload of this image size")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script itself")
+    parser.add_argument("--defaults", action="store_true",
+                        help="distrib as configs/gpu.yaml runs it: its checks and snapshots on, a snapshot per round")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    user = config.load(Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml") if args.defaults else None
     ray.init(include_dashboard=False, logging_level="WARNING")
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     precision = "bf16" if args.device == "cuda" else "fp32"
@@ -104,10 +114,17 @@ def main() -> None:
     for image_size, batch_size, steps, per_call in workloads:
         if args.only and image_size != args.only:
             continue
+        checks = {}
+        if user is not None:  # rounds as long as the snapshot interval, so each holds one
+            quick = args.quick
+            steps = user.checkpoint_every if not quick else 4
+            per_call = user.steps_per_call if not quick else 2
+            checks = {"check_every": user.check_every if not quick else 2, "checkpoint_every": steps}
         pairs = compare(device=args.device, image_size=image_size, batch_size=batch_size, precision=precision,
-                        steps=steps, steps_per_call=per_call, rounds=args.rounds)
+                        steps=steps, steps_per_call=per_call, rounds=args.rounds, **checks)
         ratios = sorted(ours / bare for bare, ours in pairs)
-        results.append({"gpu": gpu, "image_size": image_size, "batch_size": batch_size, "precision": precision,
+        results.append({"gpu": gpu, "defaults": args.defaults, **checks, "image_size": image_size,
+                        "batch_size": batch_size, "precision": precision,
                         "channels_last": True, "steps_per_call": per_call, "rounds": pairs,
                         "bare_images_per_s": max(b for b, _ in pairs), "distrib_images_per_s": max(o for _, o in pairs),
                         "best_ratio": max(o for _, o in pairs) / max(b for b, _ in pairs),

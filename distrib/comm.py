@@ -30,11 +30,12 @@ def resolve_device(device: str, cluster_gpus: float) -> str:
     return "cuda" if cluster_gpus > 0 else "cpu"
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """`auto` -> nccl on cuda, gloo on cpu: the only place the backend is chosen."""
+def resolve_backend(backend: str, device: str, gpus_per_worker: float = 1.0) -> str:
+    """`auto` -> nccl on cuda with a GPU per replica, else gloo (on cpu, and on cuda when
+    replicas share a GPU: NCCL refuses two ranks on one device): the only place it is chosen."""
     if backend != "auto":
         return backend
-    return "nccl" if device == "cuda" else "gloo"
+    return "nccl" if device == "cuda" and gpus_per_worker >= 1 else "gloo"
 
 
 def resolve_config(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
@@ -42,8 +43,10 @@ def resolve_config(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
     device = resolve_device(cfg.device, cluster_gpus)
     return cfg.replace(
         device=device,
-        backend=resolve_backend(cfg.backend, device),
+        backend=resolve_backend(cfg.backend, device, cfg.gpus_per_worker),
         precision=cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32"),
+        decoder=cfg.decoder if cfg.decoder != "auto" else "torchvision",
+        loader_workers=cfg.loader_workers if cfg.loader_workers != "auto" else max(1, int(cfg.cpus_per_worker) - 1),
     )
 
 

@@ -33,6 +33,10 @@ class RunConfig:
     """`auto` picks cuda when the Ray cluster has GPUs, else cpu."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; `auto` is nccl on cuda, gloo on cpu."""
+    gpus_per_worker: float = 1.0
+    """GPUs reserved per replica on cuda. Below 1 (e.g. 0.5) several replicas share one GPU
+    through Ray's fractional GPUs, to test the multi-replica GPU path on one GPU; they talk
+    over gloo with CUDA tensors, since NCCL refuses two ranks on one GPU."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per replica; its torch thread count is the whole part (at least 1)."""
     batch_size_per_worker: int = 32
@@ -87,6 +91,13 @@ class RunConfig:
     augment: Literal["standard", "none"] = "standard"
     """Folder data only: `standard` trains on random-resized crops with horizontal flips, each
     seeded by (seed, sample position); `none` resizes and centre-crops, as evaluation does."""
+    decoder: Literal["auto", "pil", "torchvision", "nvjpeg"] = "auto"
+    """Folder data only: how images are decoded. `torchvision`: torchvision.io in the loader
+    worker processes (JPEG with libjpeg-turbo, the pixels PIL gives in half the time; PNG, GIF,
+    WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, on the
+    GPU: files read on threads, each shard decoded as one batch with nvJPEG and cropped, resized
+    and flipped there, the next batch made while the step trains (distrib/jpeg.py). `auto`:
+    torchvision. Either way crops and flips follow the (seed, sample position) contract."""
     val_dir: str = ""
     """An ImageFolder of held-out images with the same classes as data_dir; `` = none."""
     val_fraction: float = 0.0
@@ -100,8 +111,9 @@ class RunConfig:
     stream training never reaches."""
     dataset_size: int = 10_000
     """Number of FakeData samples; only for data: fake."""
-    loader_workers: int = 2
-    """DataLoader worker processes per replica for fake and folder data."""
+    loader_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes per replica for fake and folder data (they decode and crop);
+    `auto`: one per CPU of the replica beyond the first (cpus_per_worker - 1), at least 1."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """`auto` is bf16 autocast on cuda and fp32 on cpu; fp16 adds a gradient scaler."""
     channels_last: bool = True
@@ -111,6 +123,10 @@ class RunConfig:
     """torch.compile the model (costs start-up time, pays off on long GPU runs)."""
     cudnn_benchmark: bool = True
     """Let cuDNN time its algorithms on the first steps and keep the fastest (cuda only)."""
+    deterministic: bool = False
+    """cuda: deterministic kernels only (torch.use_deterministic_algorithms, no cuDNN
+    benchmarking), so two runs of one config give the same bits, as they do on a CPU; slower.
+    Without it a GPU run's replicas stay identical to each other, not to another run."""
     bucket_cap_mb: float = 25.0
     """DDP gradient bucket size; buckets are all-reduced while backward goes on."""
     grad_compression: Literal["none", "fp16", "bf16"] = "none"
@@ -128,9 +144,9 @@ class RunConfig:
     checkpoint_every: int = 100
     """Snapshot the run every this many steps: kept in the driver's memory for recovery and
     written to RUN_DIR/checkpoints for --resume; 0 = never (recovery then restarts at step 0).
-    A snapshot pauses the replicas while rank 0's state (~90 MB) is checked and copied out
-    (the file is written in the background): on a GPU, where a step takes milliseconds,
-    space them by seconds of training, not a few steps."""
+    A snapshot follows a consistency check (a host synchronisation on every replica) and
+    costs rank 0's step stream one copy of its state (~90 MB); serialising it and writing
+    the file happen beside the steps: on a GPU still space them by seconds of training."""
     keep_checkpoints: int = 2
     """Checkpoint files kept on disk (the newest ones)."""
     tensorboard: bool = False
@@ -186,6 +202,10 @@ def _rule(ok: bool, key: str, value: Any, rule: str) -> None:
 def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.num_workers >= 1, "num_workers", cfg.num_workers, "must be >= 1")
     _rule(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "must be > 0")
+    _rule(0 < cfg.gpus_per_worker <= 1, "gpus_per_worker", cfg.gpus_per_worker,
+          "must be in (0, 1]: a replica drives one GPU; below 1 replicas share one")
+    _rule(cfg.gpus_per_worker == 1 or cfg.backend != "nccl", "backend", cfg.backend,
+          "nccl refuses two ranks on one GPU, which gpus_per_worker < 1 allows; use backend: gloo (or auto)")
     _rule(cfg.batch_size_per_worker >= 1, "batch_size_per_worker", cfg.batch_size_per_worker, "must be >= 1")
     # resnet18 downsamples 32x; below 32 px the last stage sees less than one pixel.
     _rule(cfg.image_size >= 32, "image_size", cfg.image_size, "must be >= 32 (resnet18 downsamples 32x)")
@@ -205,7 +225,10 @@ def _check_ranges(cfg: RunConfig) -> None:
           "no such directory; point it at an ImageFolder root (one sub-folder per class)")
     _rule(cfg.dataset_size >= 1, "dataset_size", cfg.dataset_size, "must be >= 1")
     _check_evaluation(cfg)
-    _rule(cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers, "must be >= 0")
+    _rule(cfg.decoder != "nvjpeg" or cfg.device != "cpu", "decoder", cfg.decoder,
+          "nvjpeg decodes on a GPU; use device: cuda (or auto on a GPU cluster), or decoder: torchvision")
+    _rule(cfg.loader_workers == "auto" or cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers,
+          "must be >= 0, or auto")
     weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))
     _rule(weights_ok, "weights", cfg.weights, "must be none, DEFAULT or a path to a .pth/.pt file")
     _rule(cfg.weights != "DEFAULT" or cfg.num_classes == 1000, "num_classes", cfg.num_classes,

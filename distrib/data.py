@@ -16,6 +16,10 @@ global batch, and a resumed run equal to an uninterrupted one.
   the sample at position p draw from torch's RNG seeded with `sample_seed(seed, p)`,
   so a sample is augmented the same way whatever the rank, loader worker or restart.
   This is the contract any other input pipeline must keep.
+- decoding (fake, folder): loader worker processes decode (`decoder: pil` or `torchvision`),
+  crop and flip in uint8; a batch crosses to the replica as uint8 (a quarter of the float
+  bytes) and is scaled and normalised on its device. `decoder: nvjpeg` decodes on the GPU
+  instead (distrib/jpeg.py), under the same contract.
 - held-out set: val_dir, or the val_fraction of each class of data_dir (a split
   seeded by `seed`), or for synthetic and fake data eval_size samples from a stream
   training never reaches. Rank r of W evaluates the r-th of W contiguous slices.
@@ -29,6 +33,8 @@ from collections.abc import Iterator
 
 import torch
 import torchvision
+from PIL import Image
+from torchvision.io import ImageReadMode
 from torchvision.transforms import v2
 
 from distrib.config import RunConfig
@@ -93,23 +99,56 @@ def dataset_indices(positions: range, *, seed: int, dataset_size: int) -> list[i
 
 
 def eval_transform(image_size: int, *, normalize: bool = True) -> v2.Transform:
-    """Evaluation (and augment: none): resize the short side to 256/224 of the crop, centre-crop."""
-    steps = [v2.PILToTensor(), v2.Resize(image_size * 256 // 224, antialias=True), v2.CenterCrop(image_size),
-             v2.ToDtype(torch.float32, scale=True)]
+    """Evaluation of a PIL image, as an exported model's users run it: resize the short side to
+    256/224 of the crop, centre-crop, scale to [0, 1] (and normalise)."""
+    steps = [v2.PILToTensor(), resize_crop(image_size), v2.ToDtype(torch.float32, scale=True)]
     return v2.Compose(steps + ([v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if normalize else []))
 
 
-def train_transform(image_size: int) -> v2.Transform:
-    """The standard training recipe: random-resized crop (scale 0.08-1), horizontal flip."""
-    return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True),
-                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def resize_crop(image_size: int) -> v2.Transform:
+    """augment: none and evaluation, on uint8 images: the short side to 256/224 of the crop, centre-crop."""
+    return v2.Compose([v2.Resize(image_size * 256 // 224, antialias=True), v2.CenterCrop(image_size)])
+
+
+def train_augment(image_size: int) -> v2.Transform:
+    """The standard training recipe, on uint8 images: random-resized crop (scale 0.08-1), horizontal flip."""
+    return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def to_input(images: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+    """A uint8 batch as the model's float input: scaled to [0, 1], then (folder data) normalised
+    with ImageNet's statistics. Done on the replica's device, after the uint8 batch (a quarter
+    of the float bytes) has crossed from the loader processes."""
+    images = v2.functional.to_dtype(images, torch.float32, scale=True)
+    return v2.functional.normalize(images, IMAGENET_MEAN, IMAGENET_STD) if normalize else images
+
+
+def pil_rgb(path: str) -> torch.Tensor:
+    """decoder: pil. Any format PIL reads, as a (3, H, W) uint8 tensor."""
+    with open(path, "rb") as file:
+        return v2.functional.pil_to_tensor(Image.open(file).convert("RGB"))
+
+
+def torchvision_rgb(path: str) -> torch.Tensor:
+    """decoder: torchvision. JPEG (libjpeg-turbo: the pixels PIL gives, in half the time), PNG,
+    GIF or WebP, as a (3, H, W) uint8 tensor; a file it cannot decode is named."""
+    try:
+        return torchvision.io.decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} cannot be decoded by torchvision ({reason}); re-encode or remove it, "
+                         "or set decoder: pil") from None
 
 
 def _fake(cfg: RunConfig, *, size: int, offset: int) -> torchvision.datasets.FakeData:
     return torchvision.datasets.FakeData(
         size=size, image_size=(3, cfg.image_size, cfg.image_size), num_classes=cfg.num_classes,
-        transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]), random_offset=offset)
+        transform=v2.PILToTensor(), random_offset=offset)
+
+
+def _folder(cfg: RunConfig, root: str, transform=None) -> torchvision.datasets.ImageFolder:
+    loader = pil_rgb if cfg.decoder == "pil" else torchvision_rgb
+    return torchvision.datasets.ImageFolder(root, loader=loader, transform=transform)
 
 
 def split_held_out(targets: list[int], *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -157,22 +196,22 @@ def training_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
         return _Augmented(_fake(cfg, size=cfg.dataset_size, offset=cfg.seed), None, seed=cfg.seed, seeded=False)
     if cfg.data != "folder":
         raise ValueError(f"no dataset for data: {cfg.data}")
-    folder = torchvision.datasets.ImageFolder(cfg.data_dir)
+    folder = _folder(cfg, cfg.data_dir)
     if cfg.val_fraction:
         train, _ = split_held_out(folder.targets, fraction=cfg.val_fraction, seed=cfg.seed)
         folder = torch.utils.data.Subset(folder, train)
     standard = cfg.augment == "standard"
-    transform = train_transform(cfg.image_size) if standard else eval_transform(cfg.image_size)
+    transform = train_augment(cfg.image_size) if standard else resize_crop(cfg.image_size)
     return _Augmented(folder, transform, seed=cfg.seed, seeded=standard)
 
 
 def held_out_dataset(cfg: RunConfig) -> torch.utils.data.Dataset:
-    """The held-out set (fake or folder data) of plain (image, class) items."""
+    """The held-out set (fake or folder data) of plain (uint8 image, class) items."""
     if cfg.data == "fake":  # FakeData draws image i from seed i + offset: past the training ones
         return _fake(cfg, size=cfg.eval_size, offset=cfg.seed + cfg.dataset_size)
     if cfg.val_dir:
-        return torchvision.datasets.ImageFolder(cfg.val_dir, transform=eval_transform(cfg.image_size))
-    folder = torchvision.datasets.ImageFolder(cfg.data_dir, transform=eval_transform(cfg.image_size))
+        return _folder(cfg, cfg.val_dir, resize_crop(cfg.image_size))
+    folder = _folder(cfg, cfg.data_dir, resize_crop(cfg.image_size))
     _, held_out = split_held_out(folder.targets, fraction=cfg.val_fraction, seed=cfg.seed)
     return torch.utils.data.Subset(folder, held_out)
 
@@ -232,7 +271,8 @@ class ShardSource:
                 persistent_workers=False))
         self._next_step = step + 1
         images, targets = next(self._loader)
-        return (images.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True))
+        images = to_input(images.to(self._device, non_blocking=True), normalize=cfg.data == "folder")
+        return images, targets.to(self._device, non_blocking=True)
 
 
 EVAL_IN_PROCESS_MAX = 1024
@@ -265,4 +305,5 @@ class HeldOutSource:
                 yield torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples])
             return
         for images, targets in self._loader:
-            yield images.to(self._device, non_blocking=True), targets.to(self._device, non_blocking=True)
+            images = to_input(images.to(self._device, non_blocking=True), normalize=cfg.data == "folder")
+            yield images, targets.to(self._device, non_blocking=True)

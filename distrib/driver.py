@@ -184,7 +184,7 @@ class Orchestrator:
         if self.step_count == 0 or (snapshot is not None and snapshot.step == self.step_count):
             return
         self._finish_check(_Call("checkpoint", self.step_count, 0, self._group.call("fingerprint"),
-                                 snapshot_ref=self._group.replicas[0].snapshot.remote()),
+                                 snapshot_ref=self._group.replicas[0].begin_snapshot.remote()),
                            queued_to=self.step_count - 1)
         if wait_for_disk:
             self.rundir.flush()
@@ -270,7 +270,7 @@ class Orchestrator:
                 queue.append(_Call("eval", next_step, 0, self._group.call("evaluate")))
                 continue
             prints = self._group.call("fingerprint")  # first: it averages the buffers the snapshot holds
-            snapshot_ref = self._group.replicas[0].snapshot.remote() if kind == "checkpoint" else None
+            snapshot_ref = self._group.replicas[0].begin_snapshot.remote() if kind == "checkpoint" else None
             queue.append(_Call(kind, next_step, 0, prints, snapshot_ref=snapshot_ref))
         return next_step
 
@@ -328,9 +328,10 @@ class Orchestrator:
         what = f"the {call.kind} after step {call.first_step - 1}"
         timeout_s = self._hang_limit.limit_s(1)
         self.compare(self._group.wait(call.refs, what, timeout_s, step=queued_to), after_step=call.first_step - 1)
-        if call.kind == "checkpoint":
-            payload = self._group.wait([call.snapshot_ref], what, timeout_s, step=queued_to)[0]
-            self.rundir.save(call.first_step, payload)
+        if call.kind == "checkpoint":  # begun in order with the steps, taken beside them
+            self._group.wait([call.snapshot_ref], what, timeout_s, step=queued_to)
+            taken = self._group.replicas[0].take_snapshot.remote()
+            self.rundir.save(call.first_step, self._group.wait([taken], what, timeout_s, step=queued_to)[0])
 
     def _leaving(self) -> bool:
         """Whether to queue no more steps: a stop was asked for, or a replica's node is being drained."""

@@ -57,6 +57,8 @@ def check(cfg: RunConfig) -> None:
                      else f"data_dir lacks {_some(missing_in_train)}")
             raise ConfigError(f"val_dir: {cfg.val_dir!r} is invalid: its classes differ from data_dir's ({where}); "
                               "give both the same class folders")
+    for root in (cfg.data_dir, cfg.val_dir) if cfg.val_dir else (cfg.data_dir,):
+        _check_formats(root, cfg.decoder)
     for name, count in counts.items():
         if count - held_out_count(count, cfg.val_fraction) < 1:
             raise ConfigError(f"val_fraction: {cfg.val_fraction!r} is invalid: it leaves class {name!r} "
@@ -74,6 +76,22 @@ def _nonempty_tree(key: str, root: str) -> dict[str, int]:
         raise ConfigError(f"{key}: {root!r} is invalid: {what}; an ImageFolder root has one sub-folder of "
                           f"images ({', '.join(IMAGE_EXTENSIONS)}) per class")
     return counts
+
+
+DECODES = {"nvjpeg": (".jpg", ".jpeg"), "torchvision": (".jpg", ".jpeg", ".png", ".gif", ".webp")}
+"""The image files each decoder reads, by extension (pil reads all of IMAGE_EXTENSIONS)."""
+
+
+def _check_formats(root: str, decoder: str) -> None:
+    """ConfigError naming the first image file under `root` that `decoder` cannot read."""
+    readable = DECODES.get("torchvision" if decoder == "auto" else decoder)
+    if readable is None:
+        return
+    for folder, _, files in os.walk(root, followlinks=True):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.lower().endswith(readable):
+                raise ConfigError(f"decoder: {decoder} reads {', '.join(readable)} files, not "
+                                  f"{os.path.join(folder, name)!r}; convert it, or set decoder: pil")
 
 
 def _some(names: list[str]) -> str:

@@ -120,7 +120,7 @@ class ReplicaGroup:
         cfg = self.cfg
         actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)
         return actor_class.options(
-            num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.device == "cuda" else 0, max_restarts=0,
+            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if cfg.device == "cuda" else 0, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=bundle),
         ).remote()
 
@@ -241,7 +241,7 @@ class ReplicaGroup:
     def _bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cfg.cpus_per_worker}
         if self.cfg.device == "cuda":
-            bundle["GPU"] = 1
+            bundle["GPU"] = self.cfg.gpus_per_worker
         return bundle
 
     def _place(self) -> None:

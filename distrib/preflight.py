@@ -11,6 +11,7 @@ wait of start_timeout_s for what can never come.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -68,6 +69,10 @@ def _check_local_fit(cfg: RunConfig) -> None:
                           f"{replicas * cfg.cpus_per_worker:g} CPUs; this machine has {cpus} (a local Ray instance): "
                           "lower num_workers or cpus_per_worker, or join a cluster (RAY_ADDRESS)")
     gpus = local_gpus() if cfg.device == "cuda" else None
-    if gpus is not None and replicas > gpus:
-        raise ConfigError(f"device: cuda needs {replicas} GPUs{spares}; this machine has {gpus} (a local Ray "
-                          "instance): use device: auto or cpu, or join a cluster with GPUs (RAY_ADDRESS)")
+    # Ray never splits a replica over GPUs: floor(1 / share) replicas fit on each.
+    needed = math.ceil(replicas / math.floor(1 / cfg.gpus_per_worker + 1e-9))
+    if gpus is not None and needed > gpus:
+        share = f" at {cfg.gpus_per_worker:g} per worker" if cfg.gpus_per_worker < 1 else ""
+        raise ConfigError(f"device: cuda needs {needed} GPUs{spares}{share}; "
+                          f"this machine has {gpus} (a local Ray instance): use device: auto or cpu, share GPUs "
+                          "(gpus_per_worker: 0.5), or join a cluster with GPUs (RAY_ADDRESS)")

@@ -17,8 +17,9 @@ from distrib.config import RunConfig
 from distrib.faults import Fault
 from distrib.protocol import EvalRecord, NodeInfo, Position, StepRecord
 
-CONCURRENCY_GROUPS = {"probe": 1}
-"""The hang probe's own thread; every other call runs on the one default thread, in order."""
+CONCURRENCY_GROUPS = {"probe": 1, "snapshot": 1}
+"""The hang probe's thread and the snapshot taker's; every other call runs on the one default
+thread, in order."""
 
 
 def _device_name() -> str:
@@ -99,6 +100,17 @@ class Replica:
     def snapshot(self) -> bytes:
         """See Trainer.snapshot. Call right after fingerprint, which reconciles buffers."""
         return self._trainer.snapshot()
+
+    def begin_snapshot(self) -> None:
+        """See Trainer.begin_snapshot: returns once the copy is queued. Call right after fingerprint."""
+        self._trainer.begin_snapshot()
+
+    @ray.method(concurrency_group="snapshot")
+    def take_snapshot(self) -> bytes:
+        """See Trainer.take_snapshot. Runs on its own thread, so the steps queued after
+        begin_snapshot go on while the snapshot is serialised and handed over; call it once
+        begin_snapshot has returned."""
+        return self._trainer.take_snapshot()
 
     def close(self) -> None:
         """Stop the data loader's processes before the actor is killed: a loader killed with

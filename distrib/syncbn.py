@@ -89,8 +89,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # Eval-mode BatchNorm backward with the global mean and variance gives, in one fused
         # pass, this rank's sum of grad_out * x_hat (its grad_weight) and sum of grad_out
         # (its grad_bias): DDP then averages them like any parameter's gradient.
+        # CUDA's kernel asserts that the saved statistics are given; empty ones mean "use the
+        # running ones" (here: the global statistics), as cuDNN's eval-mode backward passes them.
+        saved = mean.new_empty(0) if x.is_cuda else None
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+            grad_out, x, weight, mean, var, saved, saved, False, ctx.eps, [False, True, True])
         grad_input = None
         if need_input:
             grad_input = _input_grad(grad_out, x, weight, mean, var, count, sum_dy, sum_dy_xhat,

@@ -21,6 +21,8 @@ from distrib import allreduce, comm, digest, evaluation, profiling, syncbn
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
+from distrib.hostcopy import HostSnapshots, map_tensors
+from distrib.jpeg import JpegShardSource
 from distrib.model import StateDict, build_model
 from distrib.protocol import PHASES, EvalRecord, Position, StepRecord
 from distrib.schedule import lr_at
@@ -46,7 +48,12 @@ class Trainer:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first use
+            # warn_only: the pooling backward of resnet18's head has no deterministic CUDA
+            # kernel; its output is 1x1, which sums in a fixed order anyway.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)
@@ -65,6 +72,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self._amp_dtype = _AMP_DTYPES.get(cfg.precision)
         self.clock = profiling.Clock(self.device)
+        self._snapshots = HostSnapshots(self.device)
         # What a step changes before its all-reduce (BatchNorm running stats, under train and
         # sync), copied as each step starts, so a step broken by a lost peer can be dropped.
         self._buffers = [b for b in self.model.buffers()] if cfg.batchnorm != "frozen" else []
@@ -73,7 +81,7 @@ class Trainer:
         self.ddp_module = self._forward = self.model
         self.comm_hook = allreduce.AllReduceHook(world_size=1, dtype=_AMP_DTYPES.get(cfg.grad_compression))
         self._loss_scale = 1.0
-        self.data: ShardSource | None = None
+        self.data: ShardSource | JpegShardSource | None = None
         self._held_out: HeldOutSource | None = None  # built at the first evaluation
         self._faults: list[Fault] = []
         self.next_step = 0
@@ -102,7 +110,8 @@ class Trainer:
         self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
         if self.data is not None:
             self.data.close()
-        self.data = ShardSource(cfg, world_rank=world_rank, device=self.device)
+        self.data = (JpegShardSource if cfg.data == "folder" and cfg.decoder == "nvjpeg" else ShardSource)(
+            cfg, world_rank=world_rank, device=self.device)
         self._held_out = None
         if faults is not None:
             self._faults = [f for f in faults if f.rank == world_rank]
@@ -339,17 +348,26 @@ class Trainer:
     def state(self) -> dict:
         """Model and optimizer state dicts, copied to the CPU. Call after fingerprint (which
         reconciles BatchNorm buffers under `train`) so every rank would give the same answer."""
-        to_cpu = lambda tree: _map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa: E731
+        to_cpu = lambda tree: map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa: E731
         return {"model": to_cpu(self.model.state_dict()), "optimizer": to_cpu(self.optimizer.state_dict())}
 
-    def snapshot(self) -> bytes:
-        """state() serialised with torch.save, for checkpoints; restore() takes it back."""
-        state = self.state()
+    def begin_snapshot(self) -> None:
+        """Start a snapshot of the state as of now, costing the step stream one copy
+        (hostcopy.py); take_snapshot gives its bytes. Call after fingerprint, as for state()."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.getvalue()
+        self._snapshots.begin(state)
+
+    def take_snapshot(self) -> bytes:
+        """The torch.save bytes of the snapshot begun last (waits for them); restore() takes them back.
+        Safe to call from a thread other than the steps'."""
+        return self._snapshots.take()
+
+    def snapshot(self) -> bytes:
+        """A snapshot begun and taken at once."""
+        self.begin_snapshot()
+        return self.take_snapshot()
 
     def restore(self, payload: bytes, *, step: int) -> None:
         """Load a snapshot taken after `step` steps; the next run_steps starts there."""
@@ -385,13 +403,3 @@ class Trainer:
         else:
             sums = [digest.host_checksum(t) for _, t in named]
         return [(name, value) for (name, _), value in zip(named, sums)]
-
-
-def _map_tensors(tree, fn):
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _map_tensors(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tensors(v, fn) for v in tree)
-    return tree

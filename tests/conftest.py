@@ -32,6 +32,14 @@ def digits_folder(tmp_path_factory):
     return write_digits(tmp_path_factory.mktemp("digits") / "train")
 
 
+@pytest.fixture(scope="session")
+def photos_folder(tmp_path_factory):
+    """Real JPEGs of varied sizes: crops of a photograph matplotlib ships (see tests/photos.py)."""
+    from tests.photos import write_photos
+
+    return write_photos(tmp_path_factory.mktemp("photos") / "train")
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests skip cleanly where torch sees no CUDA device (CI has none)."""
     import torch

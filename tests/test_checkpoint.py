@@ -73,3 +73,28 @@ def test_a_checkpoint_from_another_config_is_refused(tmp_path):
         checkpoint.check_compatible(ckpt, CFG.replace(num_classes=10))
     with pytest.raises(CheckpointError, match="past steps=1"):
         checkpoint.check_compatible(ckpt, CFG.replace(steps=1))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device):
+    import io
+
+    import torch
+
+    from distrib.hostcopy import HostSnapshots
+
+    snapshots = HostSnapshots(torch.device(device))
+    with pytest.raises(RuntimeError, match="no snapshot was begun"):
+        snapshots.take()
+    weight = torch.arange(1 << 20, dtype=torch.float32, device=device)
+    momentum = weight.view(1024, 1024).t()  # strided, as channels_last weights are
+    state = {"model": {"weight": weight}, "optimizer": {"state": {0: {"momentum_buffer": momentum}},
+                                                        "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    for round_ in range(2):  # the second reuses the first's host buffers
+        expected = weight.cpu().clone()
+        snapshots.begin(state)
+        weight.mul_(3).add_(1)  # the next step, queued at once
+        taken = torch.load(io.BytesIO(snapshots.take()), weights_only=True)
+        assert torch.equal(taken["model"]["weight"], expected), round_
+        assert torch.equal(taken["optimizer"]["state"][0]["momentum_buffer"], expected.view(1024, 1024).t())
+        assert taken["optimizer"]["param_groups"] == [{"lr": 0.1, "params": [0]}]

@@ -48,12 +48,23 @@ def test_config_is_frozen():
     ("data: folder\n", [], "data_dir: '' is invalid: data: folder needs data_dir"),
     ("weights: model.bin\n", [], "weights: 'model.bin' is invalid"),
     ("- 1\n- 2\n", [], "must be a YAML mapping"),
+    ("gpus_per_worker: 2\n", [], "gpus_per_worker: 2.0 is invalid: must be in (0, 1]"),
+    ("gpus_per_worker: 0.5\nbackend: nccl\n", [], "nccl refuses two ranks on one GPU"),
 ])
 def test_bad_values_name_key_value_and_rule(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, text), overrides)
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("device", "gpus_per_worker", "backend"), [
+    ("cuda", 1.0, "nccl"), ("cuda", 0.5, "gloo"), ("cpu", 1.0, "gloo")])
+def test_auto_backend_is_gloo_where_replicas_share_a_gpu(device, gpus_per_worker, backend):
+    from distrib import comm
+
+    cfg = RunConfig(device=device, gpus_per_worker=gpus_per_worker)
+    assert comm.resolve_config(cfg, cluster_gpus=1).backend == backend
 
 
 def test_missing_file_and_malformed_yaml(tmp_path):

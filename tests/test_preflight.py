@@ -59,3 +59,5 @@ def test_cuda_on_a_local_instance_without_gpus(tmp_path):
         pytest.skip("this machine may have GPUs")
     done = train(tmp_path, "device=cuda", "precision=bf16", "run_dir=run")
     assert_one_line_error(done, "device: cuda needs 2 GPUs; this machine has 0 (a local Ray instance)")
+    done = train(tmp_path, "device=cuda", "gpus_per_worker=0.4", "num_workers=5", "cpus_per_worker=0.2", "run_dir=run")
+    assert_one_line_error(done, "device: cuda needs 3 GPUs at 0.4 per worker; this machine has 0")

@@ -1,0 +1,83 @@
+"""Snapshots of a replica's state that cost its step stream one copy, not a pause.
+
+A snapshot used to copy the state to the host, serialise it and hand ~90 MB to Ray on the
+replica's one call thread, while the steps queued behind it (and every peer, at its next
+all-reduce) waited. Here `begin` only queues the copy into reusable host buffers (pinned, on
+a side stream, on a GPU) and orders the next steps' kernels after it; a thread serialises
+the copy once it has landed, and `take` (called by the driver on another of the actor's
+threads) waits for the bytes. On a CPU the copy itself is synchronous.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+
+class HostSnapshots:
+    """One snapshot at a time: `begin(state)` then `take()` returns its torch.save bytes."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._buffers: list[torch.Tensor] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self._pending: Future | None = None
+
+    def begin(self, state: dict) -> None:
+        """Copy `state` (a tree of dicts, lists and tensors, as state_dict() gives) to host
+        buffers and start serialising it. Kernels queued after this on the current stream run
+        after the copy, so the tensors may be changed at once."""
+        if self._pending is not None:
+            self._pending.result()  # its buffers are about to be overwritten
+        tensors = []
+        map_tensors(state, tensors.append)
+        if [(t.shape, t.dtype, t.stride()) for t in tensors] != [(b.shape, b.dtype, b.stride()) for b in self._buffers]:
+            pin = self._stream is not None
+            self._buffers = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=pin)
+                             for t in tensors]
+        copied = None
+        if self._stream is None:
+            for buffer, tensor in zip(self._buffers, tensors):
+                buffer.copy_(tensor)
+        else:
+            current = torch.cuda.current_stream(self._device)
+            self._stream.wait_stream(current)  # the state as of the last kernel queued
+            with torch.cuda.stream(self._stream):
+                for buffer, tensor in zip(self._buffers, tensors):
+                    buffer.copy_(tensor, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self._stream)
+            current.wait_stream(self._stream)  # the next steps change the tensors after the copy
+        buffers = iter(self._buffers)
+        host = map_tensors(state, lambda tensor: next(buffers))
+        self._pending = self._thread.submit(_serialise, host, copied)
+
+    def take(self) -> bytes:
+        """The bytes of the snapshot begun last (waits for them); RuntimeError if none was begun."""
+        if self._pending is None:
+            raise RuntimeError("no snapshot was begun: call begin_snapshot before take_snapshot")
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+
+def _serialise(host: dict, copied: torch.cuda.Event | None) -> bytes:
+    if copied is not None:
+        copied.synchronize()
+    buffer = io.BytesIO()
+    torch.save(host, buffer)
+    return buffer.getvalue()
+
+
+def map_tensors(tree, fn):
+    """`tree` (dicts, lists, tuples and leaves, as state_dict() gives) with each tensor t
+    replaced by fn(t), visited in a fixed order; other leaves kept."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {key: map_tensors(value, fn) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(value, fn) for value in tree)
+    return tree

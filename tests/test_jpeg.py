@@ -1,0 +1,131 @@
+"""The decoders keep the data contract of the PIL path: the same images, crops and flips at each
+stream position, N workers equal to 1 worker, and bad files named. decoder: torchvision gives
+PIL's batches bit for bit; decoder: nvjpeg (distrib/jpeg.py, run here on the CPU where the GPU
+tests do not run) equal to rounding. Real JPEGs: crops of the photograph matplotlib ships."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import transforms
+
+from distrib import RunConfig, folders
+from distrib.config import ConfigError
+from distrib.data import IMAGENET_STD, ShardSource, sample_seed, torchvision_rgb
+from distrib.jpeg import JpegShardSource, augment_params
+
+ONE_LEVEL = 1 / 255 / min(IMAGENET_STD) + 1e-6
+"""One step of 8-bit rounding after normalisation: the PIL path rounds its resized pixels, ours does not."""
+
+
+def jpeg_cfg(folder, **changes) -> RunConfig:
+    return RunConfig(num_workers=1, device="cpu", data="folder", data_dir=str(folder), num_classes=2,
+                     batch_size_per_worker=8, image_size=64, loader_workers=0, decoder="torchvision",
+                     steps=4).replace(**changes)
+
+
+def batches(source, steps: range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        return [source.batch(step) for step in steps]
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize(("height", "width"), [(375, 500), (64, 48), (20, 400), (400, 20)])
+def test_crop_and_flip_are_drawn_as_torchvision_draws_them(height, width):
+    image = torch.empty(3, height, width)
+    for position in range(200):
+        torch.manual_seed(sample_seed(7, position))
+        expected = (*transforms.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3)),
+                    bool(torch.rand(1) < 0.5))  # RandomHorizontalFlip's draw comes after the crop's
+        assert augment_params(seed=7, position=position, height=height, width=width) == expected
+
+
+@pytest.mark.parametrize("augment", ["standard", "none"])
+def test_batches_equal_the_pil_path_up_to_rounding(photos_folder, augment):
+    cfg = jpeg_cfg(photos_folder, augment=augment)
+    cpu = torch.device("cpu")
+    ours = batches(JpegShardSource(cfg, world_rank=0, device=cpu), range(3))
+    theirs = batches(ShardSource(cfg, world_rank=0, device=cpu), range(3))
+    for (images, targets), (pil_images, pil_targets) in zip(ours, theirs):
+        assert images.shape == pil_images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
+        assert torch.equal(targets, pil_targets)
+        assert (images - pil_images).abs().max() <= ONE_LEVEL
+
+
+@pytest.mark.parametrize("augment", ["standard", "none"])
+def test_torchvision_decoding_in_the_loader_workers_gives_pils_batches_bit_for_bit(photos_folder, augment):
+    cpu = torch.device("cpu")
+    ours = batches(ShardSource(jpeg_cfg(photos_folder, augment=augment, loader_workers=1), world_rank=0,
+                               device=cpu), range(3))
+    theirs = batches(ShardSource(jpeg_cfg(photos_folder, augment=augment, decoder="pil"), world_rank=0,
+                                 device=cpu), range(3))
+    for (images, targets), (pil_images, pil_targets) in zip(ours, theirs):
+        assert images.shape == (8, 3, 64, 64) and torch.equal(targets, pil_targets)
+        assert torch.equal(images, pil_images)
+
+
+def test_torchvision_decoding_names_a_file_it_cannot_decode(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="bad.jpg cannot be decoded by torchvision .*set decoder: pil"):
+        torchvision_rgb(str(bad))
+
+
+def test_two_ranks_make_the_one_rank_batch(photos_folder):
+    cpu = torch.device("cpu")
+    whole = batches(JpegShardSource(jpeg_cfg(photos_folder), world_rank=0, device=cpu), range(2, 4))
+    halves = [batches(JpegShardSource(jpeg_cfg(photos_folder, num_workers=2, batch_size_per_worker=4),
+                                      world_rank=rank, device=cpu), range(2, 4)) for rank in (0, 1)]
+    for step, (images, targets) in enumerate(whole):
+        assert torch.equal(images, torch.cat([halves[0][step][0], halves[1][step][0]]))
+        assert torch.equal(targets, torch.cat([halves[0][step][1], halves[1][step][1]]))
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"\x89PNG\r\n\x1a\n" + bytes(64), "is not a JPEG file"),
+    (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "cannot be decoded"),
+])
+def test_a_bad_file_is_named(photos_folder, tmp_path, content, expected):
+    folder = tmp_path / "photos"
+    for name in ("top", "bottom"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "000.jpg").write_bytes((photos_folder / name / "000.jpg").read_bytes())
+    (folder / "bottom" / "bad.jpg").write_bytes(content)
+    source = JpegShardSource(jpeg_cfg(folder, batch_size_per_worker=3), world_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=expected) as err:
+        batches(source, range(1))
+    assert str(folder / "bottom" / "bad.jpg") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("decoder", "extra", "refused"), [
+    ("pil", "001.bmp", False), ("torchvision", "001.png", False), ("torchvision", "001.bmp", True),
+    ("auto", "001.tiff", True), ("nvjpeg", "001.png", True)])
+def test_a_folder_with_images_the_decoder_cannot_read_is_refused_before_the_run(photos_folder, tmp_path, decoder,
+                                                                              extra, refused):
+    folder = tmp_path / "photos"
+    for name in ("top", "bottom"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "000.jpg").write_bytes((photos_folder / name / "000.jpg").read_bytes())
+    (folder / "bottom" / extra).write_bytes(b"")
+    cfg = jpeg_cfg(folder, decoder=decoder, device="cuda" if decoder == "nvjpeg" else "cpu")
+    if not refused:
+        folders.check(cfg)
+        return
+    expected = f"decoder: {decoder} reads .* not .*{extra}'; convert it, or set decoder: pil"
+    with pytest.raises(ConfigError, match=expected):
+        folders.check(cfg)
+
+
+@pytest.mark.gpu
+def test_nvjpeg_batches_match_the_cpu_ones_and_the_prefetch_changes_nothing(photos_folder):
+    cfg = jpeg_cfg(photos_folder, device="cuda", decoder="nvjpeg", steps=5)
+    on_cpu = batches(JpegShardSource(cfg, world_rank=0, device=torch.device("cpu")), range(5))
+    ahead = batches(JpegShardSource(cfg, world_rank=0, device=torch.device("cuda", 0)), range(5))
+    one_by_one = [batches(JpegShardSource(cfg, world_rank=0, device=torch.device("cuda", 0)), range(s, s + 1))[0]
+                  for s in range(5)]
+    for (images, targets), (cpu_images, cpu_targets), (alone, _) in zip(ahead, on_cpu, one_by_one):
+        assert torch.equal(targets.cpu(), cpu_targets)
+        assert torch.equal(images, alone)
+        # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels, not by crops
+        assert (images.cpu() - cpu_images).abs().mean() < 4 * ONE_LEVEL
