@@ -152,6 +152,14 @@ class RunConfig:
     tensorboard: bool = False
     """Write TensorBoard event files to RUN_DIR/tb (from the driver): per step loss, learning
     rate, images/s and phase times; per evaluation loss, top-1 and top-5; the config as text."""
+    prometheus: bool = True
+    """Publish the run's figures (step time, images/s, loss, eval top-1, per-rank phase times,
+    recoveries, checks passed) as Prometheus metrics on Ray's own metrics endpoint, labelled
+    with the run's name and the rank (ray.util.metrics; distrib/prom.py)."""
+    straggler_fraction: float = 0.25
+    """Name a rank (one line) whose time before its first collective of a step (loading its
+    batch, and forward unless batchnorm: sync) exceeds the fastest rank's by more than this
+    fraction of the step, over the last STRAGGLER_WINDOW steps; 0 = never."""
     max_restarts: int = 3
     """Recoveries (heals and restarts) after a lost, stalled or failed replica before giving up."""
     recovery: Literal["heal", "restart"] = "heal"
@@ -240,6 +248,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
     _rule(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = never)")
     _rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+    _rule(0 <= cfg.straggler_fraction < 10, "straggler_fraction", cfg.straggler_fraction,
+          "must be in [0, 10) (a fraction of the step time; 0 = off)")
     _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
     _rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
     _rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")

@@ -41,6 +41,7 @@ from distrib.protocol import PHASES, Fingerprint, NodeInfo, first_difference
 from distrib.rundir import RunDir
 from distrib.schedule import lr_at
 from distrib.stopping import StopRequest
+from distrib.stragglers import StragglerWatch
 
 CallKind = Literal["steps", cadence.BoundaryCall]
 
@@ -112,6 +113,7 @@ class Orchestrator:
             self.cfg = self.rundir.cfg
             self._hang_limit = HangLimit(self.cfg)
             self._recoveries = recovery.RecoveryLog(self.rundir.record_event, max_restarts=self.cfg.max_restarts)
+            self._stragglers = StragglerWatch(self.cfg, say=self._say, name=lambda rank: self._group.name([rank]))
             self.rundir.write_json("classes.json", folders.class_names(self.cfg))
             snapshot = self.rundir.snapshot
             self.step_count = snapshot.step if snapshot else 0
@@ -242,7 +244,10 @@ class Orchestrator:
         next_step = self.step_count
         last_done = time.perf_counter()
         while next_step < end or queue:
-            while next_step < end and len(queue) < self.cfg.calls_in_flight and not self._leaving():
+            # Only calls of steps count: a check or snapshot queued between them must not leave
+            # the replicas without steps while the driver waits on it.
+            while next_step < end and sum(c.kind == "steps" for c in queue) < self.cfg.calls_in_flight \
+                    and not self._leaving():
                 next_step = self._queue(queue, next_step, end)
             if not queue:
                 return
@@ -300,6 +305,8 @@ class Orchestrator:
                             lr=lr_at(self.cfg, step), partial=partial)
         self.history.append(metrics)
         self.rundir.write_metrics(metrics)
+        if not partial:  # a partial step lacks some ranks' records
+            self._stragglers.step(rank_records, metrics.step_s)
         return metrics
 
     def _finish_eval(self, call: _Call, started: float, *, queued_to: int) -> float:
@@ -450,7 +457,8 @@ class Orchestrator:
     def _write_summary(self) -> None:
         summary = {**self.summary(), "checks_passed": self.checks_passed, "restarts": self.restarts,
                    **self._recoveries.summary(sum(m.wall_s for m in self.history)),
-                   "num_workers": self.cfg.num_workers, "device": self.cfg.device, "backend": self.cfg.backend}
+                   "num_workers": self.cfg.num_workers, "device": self.cfg.device, "backend": self.cfg.backend,
+                   "stragglers": self._stragglers.summary()}
         self.rundir.write_json("summary.json", summary)
         self._say(format_summary(summary))
 

@@ -4,6 +4,8 @@
 - `stall:R@S` rank R stops making progress as step S starts (sleeps for an hour): a hang.
 - `error:R@S` rank R raises an error every time it starts step S: a deterministic failure,
   like an out-of-memory error from a batch too large or an unreadable file.
+- `slow:R@S`  rank R takes SLOW_DELAY_S longer to load each batch from step S on: a straggler
+  (a slow disk, a busy host), which its peers wait for at their next collective.
 
 A kill or a stall fires once per run: after a recovery, the driver re-arms only the faults
 past the last step it had handed out, so faults closer together than the steps in flight
@@ -21,12 +23,14 @@ from typing import Literal
 
 from distrib.errors import ConfigError
 
-_FAULT = re.compile(r"^(kill|stall|error):(\d+)@(\d+)$")
+_FAULT = re.compile(r"^(kill|stall|error|slow):(\d+)@(\d+)$")
+SLOW_DELAY_S = 0.2
+"""What `slow` adds to each of its rank's steps, in the data phase."""
 
 
 @dataclass(frozen=True)
 class Fault:
-    kind: Literal["kill", "stall", "error"]
+    kind: Literal["kill", "stall", "error", "slow"]
     rank: int
     step: int
 
@@ -37,7 +41,7 @@ def parse(text: str, *, num_workers: int) -> list[Fault]:
     for entry in filter(None, (e.strip() for e in text.split(","))):
         match = _FAULT.match(entry)
         if not match:
-            raise ConfigError(f"faults: {entry!r} is invalid: write KIND:RANK@STEP with KIND kill, stall or error, "
+            raise ConfigError(f"faults: {entry!r} is invalid: write KIND:RANK@STEP with KIND kill, stall, error or slow, "
                               "comma-separated")
         fault = Fault(kind=match[1], rank=int(match[2]), step=int(match[3]))
         if fault.rank >= num_workers:
@@ -49,10 +53,11 @@ def parse(text: str, *, num_workers: int) -> list[Fault]:
 
 def unspent(faults: list[Fault], *, handed_out: int | None) -> list[Fault]:
     """The faults still to come once the steps up to `handed_out` were handed to the replicas
-    (None: none were): a kill or stall there has fired; an error fault fires every time."""
+    (None: none were): a kill or stall there has fired; an error fault fires every time it
+    comes, and a slow one on every step from its own."""
     if handed_out is None:
         return faults
-    return [f for f in faults if f.step > handed_out or f.kind == "error"]
+    return [f for f in faults if f.step > handed_out or f.kind in ("error", "slow")]
 
 
 def fire(fault: Fault) -> None:
@@ -61,4 +66,4 @@ def fire(fault: Fault) -> None:
         raise RuntimeError(f"injected error at step {fault.step}")
     if fault.kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(3600)
+    time.sleep(SLOW_DELAY_S if fault.kind == "slow" else 3600)

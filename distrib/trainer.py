@@ -213,13 +213,15 @@ class Trainer:
         self.position = Position(step, "data")
         if self._buffers:
             torch._foreach_copy_(self._buffers_at_step_start, self._buffers)
-        for fault in [f for f in self._faults if f.step == step]:
+        for fault in [f for f in self._faults if f.step == step and f.kind != "slow"]:
             if fault.kind != "error":  # an error fault stands for a deterministic failure: it stays
                 self._faults.remove(fault)
             fire(fault)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.cfg, step)
         t0 = self.clock.mark()
+        for fault in [f for f in self._faults if f.kind == "slow" and f.step <= step]:
+            fire(fault)  # inside the data phase, as a slow loader would be
         images, targets = self.data.batch(step)
         images = images.contiguous(memory_format=self.memory_format)
         t1 = self.clock.mark()
