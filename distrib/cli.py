@@ -1,4 +1,4 @@
-"""`distrib train | scale | seed-step | check | export | evaluate`: the command line, over the Python API.
+"""`distrib train | scale | seed-step | check | export | evaluate | report`: the command line, over the Python API.
 
 Exit codes: 0 done; 1 the run failed (a replica died, hung or diverged); 2 bad
 input (the message names the key, the value and the fix); 143 stopped by SIGTERM and
@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", metavar="RUN_DIR_OR_MODEL", help="a run directory, or a .pth from export")
     evaluate.add_argument("--data", required=True, help="ImageFolder root with the model's classes")
     evaluate.add_argument("--batch-size", type=int, default=64)
+
+    report = commands.add_parser("report", help="plots and a text summary of one run, or several overlaid")
+    report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    report.add_argument("--out", help="folder for the PNGs (default RUN_DIR/report for one run, ./report for several)")
     return parser
 
 
@@ -208,12 +212,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from distrib.report import report
+
+    text, written = report(args.run_dirs, args.out)
+    print(text)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"train": _train, "seed-step": _seed_step, "scale": _scale, "check": _check, "export": _export,
-                    "evaluate": _evaluate}
+                    "evaluate": _evaluate, "report": _report}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as err:
         print(f"distrib: error: {err}", file=sys.stderr)
