@@ -1,7 +1,8 @@
-"""The Ray cluster a run uses: connecting to it, and what it has (GPUs, nodes being drained)."""
+"""The Ray cluster a run uses: connecting to it, and what it has (GPUs, an autoscaler, nodes being drained)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -31,6 +32,50 @@ def connect_ray(address: str | None = None) -> bool:
 def cluster_gpus() -> float:
     """GPUs in the connected Ray cluster (what `device: auto` is resolved against)."""
     return ray.cluster_resources().get("GPU", 0)
+
+
+def has_autoscaler() -> bool:
+    """Whether the connected cluster can add nodes. False only where Ray's own view says every node
+    was started by hand (no cluster launcher, no KubeRay autoscaler); True where it cannot tell,
+    so that a caller waits for resources as it would for an autoscaler."""
+    try:
+        from ray.autoscaler._private.util import format_readonly_node_type
+
+        node_types = autoscaler_node_types()
+    except Exception as err:  # a private Ray API that moved, a GCS hiccup: wait, as before
+        log.debug("cannot tell whether the cluster has an autoscaler (%r); assuming it has one", err)
+        return True
+    if not node_types:
+        log.debug("no autoscaler report yet; assuming the cluster has an autoscaler")
+        return True
+    return any(node_type != format_readonly_node_type(node_id) for node_id, node_type in node_types.items())
+
+
+def autoscaler_node_types() -> dict[str, str]:
+    """Node id (hex) -> node type, as the autoscaler sees them (what `ray status` shows); {} until
+    the head's monitor first reports, up to AUTOSCALER_UPDATE_INTERVAL_S (5 s) after it starts.
+
+    Every head runs an autoscaler monitor. Without an autoscaling config (a cluster started by
+    hand, a local instance) it runs a read-only provider that names each node's type
+    `node_<node id>` (format_readonly_node_type); autoscaler v2 gives that name to any node
+    started without RAY_NODE_TYPE_NAME, which the cluster launcher and KubeRay set on every node
+    they start. A real autoscaler names types after its config (ray.head.default, worker groups).
+    (A head started by hand with a v2 autoscaling config would look fixed until its first worker.)
+    No public API says this: these are the private ones `ray status` reads, checked on Ray 2.60.
+    """
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return {node.node_id: node.ray_node_type_name for node in status.active_nodes + status.idle_nodes}
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    report = json.loads(status).get("autoscaler_report") if status else None
+    return (report or {}).get("node_type_mapping") or {}
 
 
 def draining_nodes() -> dict[str, int]:

@@ -106,6 +106,7 @@ class Orchestrator:
             preflight.check(self.requested_cfg, local=not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")))
             connect_ray()
             cfg = comm.resolve_config(self.requested_cfg, cluster_gpus=cluster_gpus())
+            preflight.check_cluster_fit(cfg)  # a cluster without an autoscaler names what it lacks at once
             if self.resume_dir is not None:
                 self.rundir = RunDir.resume(self.resume_dir, cfg, say=self._say)
             else:

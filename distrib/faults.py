@@ -41,8 +41,8 @@ def parse(text: str, *, num_workers: int) -> list[Fault]:
     for entry in filter(None, (e.strip() for e in text.split(","))):
         match = _FAULT.match(entry)
         if not match:
-            raise ConfigError(f"faults: {entry!r} is invalid: write KIND:RANK@STEP with KIND kill, stall, error or slow, "
-                              "comma-separated")
+            raise ConfigError(f"faults: {entry!r} is invalid: write KIND:RANK@STEP with KIND kill, stall, error "
+                              "or slow, comma-separated")
         fault = Fault(kind=match[1], rank=int(match[2]), step=int(match[3]))
         if fault.rank >= num_workers:
             raise ConfigError(f"faults: {entry!r} is invalid: rank {fault.rank} does not exist with "

@@ -61,8 +61,9 @@ def check(cfg: RunConfig) -> None:
         _check_formats(root, cfg.decoder)
     for name, count in counts.items():
         if count - held_out_count(count, cfg.val_fraction) < 1:
+            images = f"{count} image{'s' if count != 1 else ''}"
             raise ConfigError(f"val_fraction: {cfg.val_fraction!r} is invalid: it leaves class {name!r} "
-                              f"({count} images) with none to train on; lower it or add images")
+                              f"({images}) with none to train on; lower it or add images")
 
 
 def _nonempty_tree(key: str, root: str) -> dict[str, int]:

@@ -5,8 +5,10 @@ wait of start_timeout_s for what can never come.
 - paths: the image folders (folders.py), run_dir's kind, the weights file;
 - a fixed cluster that cannot hold the group: a local Ray instance (no RAY_ADDRESS) has
   this machine's CPUs and GPUs and no autoscaler, so placement would wait in vain.
-  A cluster joined by address may have an autoscaler: there the driver waits, saying
-  what it waits for.
+
+A cluster joined by address is checked once connected, before the group is placed
+(check_cluster_fit): without an autoscaler it is as fixed as a local instance; with one
+(or where Ray cannot tell) the driver waits, saying what it waits for.
 """
 
 from __future__ import annotations
@@ -76,3 +78,58 @@ def _check_local_fit(cfg: RunConfig) -> None:
         raise ConfigError(f"device: cuda needs {needed} GPUs{spares}{share}; "
                           f"this machine has {gpus} (a local Ray instance): use device: auto or cpu, share GPUs "
                           "(gpus_per_worker: 0.5), or join a cluster with GPUs (RAY_ADDRESS)")
+
+
+def check_cluster_fit(cfg: RunConfig) -> None:
+    """Raise ConfigError where the connected cluster has no autoscaler and can never hold the
+    group (workers and spares, one bundle each), instead of a wait of start_timeout_s. `cfg` is
+    resolved (device cpu or cuda). Call it once connected to Ray, before placing the group."""
+    import ray
+
+    from distrib.cluster import has_autoscaler
+
+    if has_autoscaler():
+        return
+    nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"]]
+    replicas = cfg.num_workers + cfg.spare_workers
+    spares = f" (with {cfg.spare_workers} spare)" if cfg.spare_workers else ""
+    cuda = cfg.device == "cuda"
+    where = "this cluster (no autoscaler)"
+    # Ray never splits a bundle over nodes, nor a replica over GPUs: floor(1 / share) fit on a GPU.
+    per_gpu = math.floor(1 / cfg.gpus_per_worker + 1e-9)
+    gpus = sum(math.floor(node_gpus + 1e-9) for _, node_gpus in nodes)
+    needed = math.ceil(replicas / per_gpu)
+    if cuda and needed > gpus:
+        share = f" at {cfg.gpus_per_worker:g} per worker" if cfg.gpus_per_worker < 1 else ""
+        raise ConfigError(f"device: cuda needs {_count(needed, 'GPU')}{spares}{share}; {where} has {gpus}: "
+                          "use device: auto or cpu, share GPUs (gpus_per_worker: 0.5), or add nodes with GPUs")
+    fits = [_workers_on(node_cpus, node_gpus if cuda else None, cfg.cpus_per_worker, per_gpu)
+            for node_cpus, node_gpus in nodes]
+    if max(fits, default=0) == 0:
+        kind = " GPU" if cuda else ""
+        largest = max((node_cpus for node_cpus, node_gpus in nodes if node_gpus >= 1 or not cuda), default=0)
+        raise ConfigError(f"cpus_per_worker: one worker needs {_count(cfg.cpus_per_worker, 'CPU')} on one{kind} node; "
+                          f"the largest{kind} node of {where} has {largest:g}: lower cpus_per_worker, "
+                          "or add a bigger node")
+    cpus = sum(node_cpus for node_cpus, _ in nodes)
+    if replicas * cfg.cpus_per_worker > cpus:
+        raise ConfigError(f"num_workers: {replicas} workers{spares} x {cfg.cpus_per_worker:g} CPU need "
+                          f"{_count(replicas * cfg.cpus_per_worker, 'CPU')}; {where} has {cpus:g}: "
+                          "lower num_workers or cpus_per_worker, or add nodes")
+    # Enough in total, yet whole bundles per node, as the strategy allows, may still be too few.
+    room = {"STRICT_PACK": max(fits), "STRICT_SPREAD": sum(1 for n in fits if n)}.get(cfg.placement_strategy, sum(fits))
+    if room < replicas:
+        strict = ", use placement_strategy: PACK" if cfg.placement_strategy.startswith("STRICT") else ""
+        raise ConfigError(f"num_workers: {replicas} workers{spares} x {cfg.cpus_per_worker:g} CPU "
+                          f"({cfg.placement_strategy}) need {replicas} places; the nodes of {where} have {room}: "
+                          f"lower num_workers or cpus_per_worker{strict}, or add nodes")
+
+
+def _workers_on(node_cpus: float, node_gpus: float | None, cpus_per_worker: float, per_gpu: int) -> int:
+    """Replicas one node can hold; `node_gpus` None: CPU replicas, which need no GPU."""
+    workers = math.floor(node_cpus / cpus_per_worker + 1e-9)
+    return workers if node_gpus is None else min(workers, math.floor(node_gpus + 1e-9) * per_gpu)
+
+
+def _count(amount: float, unit: str) -> str:
+    return f"{amount:g} {unit}" + ("" if amount == 1 else "s")

@@ -1,15 +1,25 @@
 """Fail fast: what can never run is a one-line error (exit 2) before Ray starts, and no run
-directory is left behind (the CLI, as a user runs it; no Ray instance is started here)."""
+directory is left behind (the CLI, as a user runs it; no Ray instance is started there).
+A cluster joined by address with no autoscaler fails as fast, once connected
+(`ray.cluster_utils.Cluster`: nodes started by hand, as on a fixed cluster)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import ray
+from ray.autoscaler.v2.utils import is_autoscaler_v2
+from ray.cluster_utils import Cluster
 
 from distrib import preflight
+from distrib.cluster import autoscaler_node_types, has_autoscaler
+from distrib.config import RunConfig
+from distrib.errors import ConfigError
 
 
 def train(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
@@ -61,3 +71,122 @@ def test_cuda_on_a_local_instance_without_gpus(tmp_path):
     assert_one_line_error(done, "device: cuda needs 2 GPUs; this machine has 0 (a local Ray instance)")
     done = train(tmp_path, "device=cuda", "gpus_per_worker=0.4", "num_workers=5", "cpus_per_worker=0.2", "run_dir=run")
     assert_one_line_error(done, "device: cuda needs 3 GPUs at 0.4 per worker; this machine has 0")
+
+
+# ---- a cluster joined by address --------------------------------------------------------------
+FAST_MONITOR = {"AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # the head's monitor reports each second, not each 5
+
+
+def start_cluster(env: dict[str, str] | None = None, **head_args) -> Cluster:
+    """A one-machine cluster whose head has 1 CPU; `env` is what its processes (the monitor) see."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**FAST_MONITOR, **(env or {})}.items():
+            patch.setenv(name, value)
+        return Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **head_args})
+
+
+def join(cluster: Cluster) -> None:
+    """Connect as the driver does, and wait for the monitor's first report on every node."""
+    ray.init(address=cluster.address, logging_level="WARNING")
+    cluster.wait_for_nodes()
+    deadline = time.monotonic() + 60
+    while len(autoscaler_node_types()) < len(cluster.list_all_nodes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def fixed_cluster():
+    """Two nodes of 1 CPU each, no GPU, no autoscaler."""
+    cluster = start_cluster()
+    try:
+        cluster.add_node(num_cpus=1, include_dashboard=False)
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def joined(fixed_cluster):
+    join(fixed_cluster)
+    yield fixed_cluster
+    ray.shutdown()
+
+
+def cluster_cfg(**changes) -> RunConfig:
+    return RunConfig(num_workers=2, device="cpu", start_timeout_s=60).replace(**changes)
+
+
+def fit_error(cfg: RunConfig) -> str:
+    """check_cluster_fit's message: one line, at once (well under start_timeout_s)."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as raised:
+        preflight.check_cluster_fit(cfg)
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(raised.value)
+    return str(raised.value)
+
+
+def test_more_workers_than_a_fixed_cluster_has_cpus(joined):
+    assert not has_autoscaler()
+    preflight.check_cluster_fit(cluster_cfg())  # 2 workers on 2 nodes of 1 CPU: they fit
+    assert fit_error(cluster_cfg(num_workers=3)).startswith(
+        "num_workers: 3 workers x 1 CPU need 3 CPUs; this cluster (no autoscaler) has 2: "
+        "lower num_workers or cpus_per_worker, or add nodes")
+    assert "3 workers (with 1 spare) x 1 CPU need 3 CPUs" in fit_error(cluster_cfg(spare_workers=1))
+
+
+def test_a_worker_that_fits_on_no_node(joined):
+    message = fit_error(cluster_cfg(num_workers=1, cpus_per_worker=2))  # 2 CPUs in all, 1 on each node
+    assert message == ("cpus_per_worker: one worker needs 2 CPUs on one node; the largest node of this cluster "
+                       "(no autoscaler) has 1: lower cpus_per_worker, or add a bigger node")
+    # 1.8 CPUs of 2 would do, but a node holds one worker of 0.6 CPU, not two
+    assert "3 workers (with 1 spare) x 0.6 CPU (PACK) need 3 places; the nodes of this cluster (no autoscaler) " \
+           "have 2" in fit_error(cluster_cfg(spare_workers=1, cpus_per_worker=0.6))
+    assert "(STRICT_PACK) need 2 places; the nodes of this cluster (no autoscaler) have 1: lower num_workers or " \
+           "cpus_per_worker, use placement_strategy: PACK" in fit_error(cluster_cfg(placement_strategy="STRICT_PACK"))
+
+
+def test_cuda_on_a_fixed_cluster_without_gpus(joined):
+    assert fit_error(cluster_cfg(device="cuda")).startswith(
+        "device: cuda needs 2 GPUs; this cluster (no autoscaler) has 0: use device: auto or cpu")
+    assert "device: cuda needs 1 GPU at 0.5 per worker;" in fit_error(cluster_cfg(device="cuda", gpus_per_worker=0.5))
+
+
+def test_a_fixed_cluster_under_autoscaler_v2():
+    cluster = start_cluster(_system_config={"enable_autoscaler_v2": True})
+    try:
+        join(cluster)
+        assert is_autoscaler_v2(fetch_from_server=True)
+        assert autoscaler_node_types() and not has_autoscaler()
+        assert "need 2 CPUs; this cluster (no autoscaler) has 1" in fit_error(cluster_cfg())
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_an_autoscaling_cluster_is_waited_for(tmp_path):
+    """The head's monitor runs an autoscaler with a config (the fake multi-node provider that
+    ray.cluster_utils.AutoscalingCluster uses; that class runs `ray stop --force`, which would
+    end every Ray on the machine, and this Ray's wheel lacks its example.yaml)."""
+    config = {
+        "cluster_name": "fake", "max_workers": 1, "idle_timeout_minutes": 1, "upscaling_speed": 1.0,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_launch_config_check": True,
+                     "disable_node_updaters": True},
+        "auth": {"ssh_user": "ubuntu"}, "docker": {}, "head_node_type": "ray.head.default",
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+                                 "cpu_node": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0,
+                                              "max_workers": 1}},
+        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                               "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+    (tmp_path / "autoscaling.json").write_text(json.dumps(config))
+    cluster = start_cluster({"RAY_FAKE_CLUSTER": "1"}, autoscaling_config=str(tmp_path / "autoscaling.json"))
+    try:
+        join(cluster)
+        assert set(autoscaler_node_types().values()) == {"ray.head.default"} and has_autoscaler()
+        preflight.check_cluster_fit(cluster_cfg(num_workers=3))  # no error: the driver waits, as before
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

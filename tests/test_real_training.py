@@ -162,7 +162,7 @@ def _digits_subset(digits_folder, root, classes, images_per_class=None):
     (["val_dir=VAL/none", "eval_every=4"], "val_dir: '{VAL}/none' is invalid: no such directory"),
     (["val_dir=VAL/empty", "eval_every=4"], "val_dir: '{VAL}/empty' is invalid: it has no class folders"),
     (["val_dir=VAL/fewer", "eval_every=4"], "its classes differ from data_dir's (val_dir lacks '9')"),
-    (["data_dir=VAL/single", "num_classes=2", "val_fraction=0.5"], "it leaves class '1' (1 images) with none"),
+    (["data_dir=VAL/single", "num_classes=2", "val_fraction=0.5"], "it leaves class '1' (1 image) with none"),
     (["val_fraction=1.5"], "val_fraction: 1.5 is invalid: must be in (0, 1)"),
     (["warmup_steps=48"], "warmup_steps: 48 is invalid: must be >= 0 and shorter than the run (steps=48)"),
     (["lr_schedule=step", "lr_milestones=[30, 10]"], "lr_milestones: [30, 10] is invalid: must be in increasing"),

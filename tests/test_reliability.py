@@ -119,15 +119,25 @@ def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):
 
 
 def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     from distrib import PlacementError
 
-    run_dir = tmp_path / "run"  # 6 workers x 1 CPU on the module's 4-CPU instance: never placed
-    with pytest.raises(PlacementError, match="could not place 6 x"):
-        Orchestrator(base_cfg(run_dir).replace(num_workers=6, start_timeout_s=1), progress=False).start()
-    assert not run_dir.exists()
-    kept = tmp_path / "kept"  # a directory that was there before stays, emptied of the run's files
-    kept.mkdir()
-    (kept / "notes.txt").write_text("mine")
-    with pytest.raises(PlacementError):
-        Orchestrator(base_cfg(kept).replace(num_workers=6, start_timeout_s=1), progress=False).start()
+    # The cluster could hold the group (the fixed-cluster check passes), but another job
+    # holds 3 of its 4 CPUs: placement fails after the run directory was made.
+    other_job = placement_group([{"CPU": 3}])
+    ray.get(other_job.ready())
+    try:
+        run_dir = tmp_path / "run"
+        with pytest.raises(PlacementError, match="could not place 2 x"):
+            Orchestrator(base_cfg(run_dir).replace(start_timeout_s=1), progress=False).start()
+        assert not run_dir.exists()
+        kept = tmp_path / "kept"  # a directory that was there before stays, emptied of the run's files
+        kept.mkdir()
+        (kept / "notes.txt").write_text("mine")
+        with pytest.raises(PlacementError):
+            Orchestrator(base_cfg(kept).replace(start_timeout_s=1), progress=False).start()
+    finally:
+        remove_placement_group(other_job)
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
