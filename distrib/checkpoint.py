@@ -1,4 +1,5 @@
-"""Checkpoints on disk: atomic writes, integrity checks, the newest valid one, config compatibility.
+"""Checkpoints in a run directory (local or object storage, see storage.py): whole writes, integrity
+checks, the "latest" marker, the newest valid one, config compatibility.
 
 A checkpoint file is one line of magic, one line of JSON header (step, config, sha256
 and size of the payload) and the payload: the replica's `torch.save` bytes of model,
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from distrib import storage
 from distrib.config import RunConfig, to_dict
 from distrib.errors import CheckpointError
+from distrib.storage import RemotePath
 
 MAGIC = b"distrib-checkpoint v1\n"
+MARKER = "latest.json"
+"""On object storage, the checkpoint to trust: written after the file it names verifies."""
 
 # Keys a resumed run may change: they decide how the run is driven, not its numbers.
 RESUMABLE_KEYS = frozenset({
@@ -33,55 +37,55 @@ RESUMABLE_KEYS = frozenset({
 
 @dataclass(frozen=True)
 class Checkpoint:
-    path: Path
+    path: Path | RemotePath
     step: int
     """Steps done: the resumed run starts at this step."""
     config: dict
     payload: bytes
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+def checkpoint_dir(run_dir: str | Path | RemotePath) -> Path | RemotePath:
+    return storage.locate(run_dir) / "checkpoints"
 
 
-def on_disk(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, oldest first (each complete: files appear by atomic rename)."""
+def on_disk(run_dir: str | Path | RemotePath) -> list[Path | RemotePath]:
+    """The run's checkpoint files, oldest first (locally each is complete: files appear by atomic
+    rename; on object storage see `newest_valid`)."""
     return sorted(checkpoint_dir(run_dir).glob("step-*.ckpt"))
 
 
-def write(run_dir: Path, *, step: int, cfg: RunConfig, payload: bytes, keep: int) -> Path:
-    """Write atomically (temporary file, fsync, rename, fsync of the folder), then keep the newest `keep`."""
+def write(run_dir: str | Path | RemotePath, *, step: int, cfg: RunConfig, payload: bytes,
+          keep: int) -> Path | RemotePath:
+    """Write step's checkpoint whole, then keep the newest `keep`.
+
+    Locally: temporary file, fsync, rename, fsync of the folder. On object storage, which has no
+    rename: the object under its final name (it appears only once complete), read back and
+    verified, then the MARKER naming it, written last; only then are older ones deleted. A
+    crash before the marker leaves the previous checkpoint the newest valid one."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    header = {"step": step, "config": to_dict(cfg), "sha256": hashlib.sha256(payload).hexdigest(),
-              "size": len(payload)}
+    sha256 = hashlib.sha256(payload).hexdigest()
+    header = {"step": step, "config": to_dict(cfg), "sha256": sha256, "size": len(payload)}
     path = folder / f"step-{step:08d}.ckpt"
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(MAGIC)
-        f.write(json.dumps(header).encode() + b"\n")
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut only once the folder is synced
-    finally:
-        os.close(dir_fd)
+    storage.write_whole(path, [MAGIC, json.dumps(header).encode() + b"\n", payload], durable=True)
+    if isinstance(path, RemotePath):
+        read(path)  # an upload that failed part-way must not become the newest, nor cost the older ones
+        marker = {"step": step, "file": path.name, "sha256": sha256}
+        storage.write_whole(folder / MARKER, [json.dumps(marker).encode() + b"\n"])
     for old in on_disk(run_dir)[:-keep]:
         old.unlink()
     return path
 
 
-def read(path: Path) -> Checkpoint:
+def read(path: Path | RemotePath) -> Checkpoint:
     """Read and verify one checkpoint; CheckpointError if truncated, corrupt or not a checkpoint."""
     try:
-        with path.open("rb") as f:
-            if f.readline() != MAGIC:
-                raise CheckpointError(f"{path} is not a distrib checkpoint")
-            header = json.loads(f.readline())
-            payload = f.read()
+        data = path.read_bytes()
+        if data[:len(MAGIC)] != MAGIC:
+            raise CheckpointError(f"{path} is not a distrib checkpoint")
+        header_end = data.index(b"\n", len(MAGIC)) + 1
+        header = json.loads(data[len(MAGIC):header_end])
+        payload = data[header_end:]
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable: {err}") from None
     if len(payload) != header.get("size"):
@@ -91,10 +95,19 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(path=path, step=header["step"], config=header["config"], payload=payload)
 
 
-def newest_valid(run_dir: Path) -> tuple[Checkpoint, list[str]]:
-    """The newest checkpoint that verifies, and one line per newer one skipped (and why)."""
+def newest_valid(run_dir: str | Path | RemotePath) -> tuple[Checkpoint, list[str]]:
+    """The newest checkpoint that verifies, and one line per newer one skipped (and why).
+    Where a MARKER is (object storage), files newer than the one it names are skipped: their
+    write never finished."""
+    files = on_disk(run_dir)
     skipped = []
-    for path in reversed(on_disk(run_dir)):
+    marker = checkpoint_dir(run_dir) / MARKER
+    if marker.is_file():
+        newest = json.loads(marker.read_text())["file"]
+        skipped = [f"{path} is newer than {MARKER} ({newest}): its write never finished"
+                   for path in reversed(files) if path.name > newest]
+        files = [path for path in files if path.name <= newest]
+    for path in reversed(files):
         try:
             return read(path), skipped
         except CheckpointError as err:

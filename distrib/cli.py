@@ -1,4 +1,5 @@
-"""`distrib train | scale | seed-step | check | export | evaluate | report`: the command line, over the Python API.
+"""`distrib train | scale | seed-step | check | export | evaluate | report | simulate`: the command line,
+over the Python API.
 
 Exit codes: 0 done; 1 the run failed (a replica died, hung or diverged); 2 bad
 input (the message names the key, the value and the fix); 143 stopped by SIGTERM and
@@ -13,11 +14,12 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from distrib import config, folders, preflight
+from distrib import config, folders, preflight, storage
 from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError, StoppedAtOnce
 
 
@@ -63,6 +65,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="ImageFolder root with the model's classes")
     evaluate.add_argument("--batch-size", type=int, default=64)
 
+    simulate = commands.add_parser("simulate", help="the driver's cost per step, against replicas whose step sleeps")
+    simulate.add_argument("--workers", type=int, help="simulated replicas (or --sweep)")
+    simulate.add_argument("--sweep", help="comma-separated replica counts, e.g. 2,4,8,16,32,64,128: "
+                                          "a table, a fit and a plot")
+    simulate.add_argument("--step-ms", type=float, required=True, help="each simulated step's sleep")
+    simulate.add_argument("--steps", type=int, default=200)
+    simulate.add_argument("--steps-per-call", default="1", help="K; a sweep takes several, e.g. 1,4")
+    simulate.add_argument("--calls-in-flight", type=int, default=1, help="default 1: nothing hides the driver")
+    simulate.add_argument("--check-every", type=int, default=10)
+    simulate.add_argument("--out", default="runs/simulate", help="where a sweep writes points.json, driver_cost.png")
+    simulate.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+
     report = commands.add_parser("report", help="plots and a text summary of one run, or several overlaid")
     report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
     report.add_argument("--out", help="folder for the PNGs (default RUN_DIR/report for one run, ./report for several)")
@@ -105,10 +119,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("--config and --resume: pick one; a resumed run uses RUN_DIR/config.yaml (and --set)")
-        saved = Path(args.resume) / "config.yaml"
+        storage.check_writable(args.resume, what="--resume")
+        saved = storage.locate(args.resume, what="--resume") / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume!r} is invalid: no config.yaml there; give a run directory")
-        cfg = config.load(saved, args.overrides)
+        if isinstance(saved, Path):
+            cfg = config.load(saved, args.overrides)
+        else:  # on object storage: config.load reads local files only
+            values = yaml.safe_load(saved.read_text()) or {}
+            cfg = config.from_dict({**values, **config.parse_overrides(list(args.overrides))})
     else:
         cfg = config.load(args.config, args.overrides)
     # Before Ray starts: what can never run is a one-line error in a second.
@@ -212,6 +231,35 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from distrib import simulate
+
+    counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.workers]
+    per_call = [int(k) for k in args.steps_per_call.split(",")]
+    if counts == [None] or (not args.sweep and len(per_call) > 1):
+        raise ConfigError("simulate: give --workers N (one --steps-per-call), or --sweep N1,N2,...")
+    run = dict(step_ms=args.step_ms, steps=args.steps, calls_in_flight=args.calls_in_flight,
+               check_every=args.check_every)
+    started = simulate.start_ray(args.address, max(counts))
+    try:
+        if not args.sweep:
+            with tempfile.TemporaryDirectory() as run_dir:
+                cfg = simulate.sim_config(counts[0], steps_per_call=per_call[0], run_dir=f"{run_dir}/run", **run)
+                print(simulate.format_point(simulate.simulate(cfg)))
+            return 0
+        points, fits = simulate.sweep(counts, steps_per_call=per_call, out_dir=Path(args.out),
+                                      say=lambda text: print(text, file=sys.stderr, flush=True), **run)
+        print(simulate.format_table(points))
+        print(simulate.format_fits(fits, step_ms=args.step_ms))
+        print(f"results: {args.out} (points.json, driver_cost.png)")
+        return 0
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def _report(args: argparse.Namespace) -> int:
     from distrib.report import report
 
@@ -227,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"train": _train, "seed-step": _seed_step, "scale": _scale, "check": _check, "export": _export,
-                    "evaluate": _evaluate, "report": _report}
+                    "evaluate": _evaluate, "report": _report, "simulate": _simulate}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as err:
         print(f"distrib: error: {err}", file=sys.stderr)

@@ -174,6 +174,9 @@ class RunConfig:
     """A rank that stays at one step and phase this long while a peer has moved on is called
     stalled and replaced (once a few steps are timed: at least 3 x the median step); 0 = off.
     The derived hang limit stays the backstop for a whole group that stops."""
+    simulate_step_ms: float = 0.0
+    """Simulated replicas (distrib/simreplica.py; `distrib simulate`): each step sleeps this
+    long instead of training resnet18, to measure the driver at many replicas; 0 = real ones."""
     faults: str = ""
     """Faults to inject, e.g. `kill:1@5, stall:0@8` (rank@step); see distrib/faults.py."""
     start_timeout_s: float = 120.0
@@ -250,6 +253,7 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     _rule(0 <= cfg.straggler_fraction < 10, "straggler_fraction", cfg.straggler_fraction,
           "must be in [0, 10) (a fraction of the step time; 0 = off)")
+    _rule(cfg.simulate_step_ms >= 0, "simulate_step_ms", cfg.simulate_step_ms, "must be >= 0 (0 = real replicas)")
     _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
     _rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
     _rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")

@@ -74,7 +74,7 @@ class Orchestrator:
         self.requested_cfg = cfg
         self.cfg = cfg  # resolved (no `auto` left, run_dir made) by start()
         self.progress = progress
-        self.resume_dir = Path(resume_dir) if resume_dir is not None else None
+        self.resume_dir = resume_dir  # a path or a URI: Path() would turn s3://b/k into s3:/b/k
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []

@@ -3,6 +3,9 @@
     distrib export RUN_DIR [--out model.pth]       # plain resnet18 state_dict + model.json beside it
     distrib evaluate RUN_DIR_OR_MODEL --data DIR    # loss, top-1, top-5 on an ImageFolder
 
+RUN_DIR may be an object-storage URI (storage.py); the exported files are always local
+(default ./model.pth for a URI).
+
 The exported file loads with plain torchvision, and `weights:` takes it:
 
     model = torchvision.models.resnet18(num_classes=K)
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from distrib import checkpoint, evaluation
+from distrib import checkpoint, evaluation, storage
 from distrib.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from distrib.errors import ConfigError
 from distrib.metrics import EvalMetrics, combine_evals
@@ -32,7 +35,7 @@ from distrib.metrics import EvalMetrics, combine_evals
 
 def from_run(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, metadata) of the newest valid checkpoint in `run_dir`; CheckpointError if none."""
-    run_dir = Path(run_dir)
+    run_dir = storage.locate(run_dir, what="RUN_DIR")
     ckpt, _ = checkpoint.newest_valid(run_dir)
     state = torch.load(io.BytesIO(ckpt.payload), map_location="cpu", weights_only=True)["model"]
     cfg = ckpt.config
@@ -49,10 +52,14 @@ def from_run(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the run's newest valid weights as a plain resnet18 state_dict at `out` (default
-    RUN_DIR/model.pth), with its metadata at the same path ending in .json. Both files appear
-    whole or not at all."""
+    RUN_DIR/model.pth; ./model.pth for a URI), with its metadata at the same path ending in .json.
+    Both files appear whole or not at all, and are local."""
+    if out is not None and storage.is_uri(str(out)):
+        raise ConfigError(f"--out: {str(out)!r} is a URI; give a local path (the model is written here)")
     state, meta = from_run(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "model.pth"
+    if out is None:
+        out = Path("model.pth") if storage.is_uri(str(run_dir)) else Path(run_dir) / "model.pth"
+    out = Path(out)
     _write_atomically(out, lambda f: torch.save(state, f))
     _write_atomically(out.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
     return out
@@ -73,6 +80,8 @@ def _write_atomically(path: Path, write) -> None:
 
 def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, metadata) from a run directory or an exported .pth with its .json beside it."""
+    if storage.is_uri(str(source)):
+        return from_run(source)
     source = Path(source)
     if source.is_dir():
         return from_run(source)

@@ -38,6 +38,7 @@ from distrib.errors import PlacementError, ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
 from distrib.protocol import NodeInfo
 from distrib.replica import CONCURRENCY_GROUPS, Replica
+from distrib.simreplica import SimReplica
 from distrib.spares import SparePool
 from distrib.stall import StallProbes
 
@@ -118,7 +119,7 @@ class ReplicaGroup:
 
     def _new_actor(self, bundle: int):
         cfg = self.cfg
-        actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)
+        actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(SimReplica if cfg.simulate_step_ms else Replica)
         return actor_class.options(
             num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if cfg.device == "cuda" else 0, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=bundle),

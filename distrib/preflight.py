@@ -3,6 +3,7 @@ one-line ConfigError (exit 2) within a second, instead of an error after start-u
 wait of start_timeout_s for what can never come.
 
 - paths: the image folders (folders.py), run_dir's kind, the weights file;
+- a run_dir URI (storage.py): its scheme, S3 credentials, that its bucket exists;
 - a fixed cluster that cannot hold the group: a local Ray instance (no RAY_ADDRESS) has
   this machine's CPUs and GPUs and no autoscaler, so placement would wait in vain.
 
@@ -18,7 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
-from distrib import folders
+from distrib import folders, storage
 from distrib.config import RunConfig
 from distrib.errors import ConfigError
 
@@ -27,7 +28,7 @@ def check(cfg: RunConfig, *, local: bool) -> None:
     """Raise ConfigError for what this run can never do; `local`: the run starts its own local
     Ray instance (no address given, none in $RAY_ADDRESS, none running in this process)."""
     folders.check(cfg)
-    _check_run_dir(cfg.run_dir)
+    _check_run_dir(cfg)
     if cfg.weights not in ("none", "DEFAULT") and not Path(cfg.weights).is_file():
         raise ConfigError(f"weights: {cfg.weights!r} is invalid: no such file; give a .pth/.pt state dict, "
                           "DEFAULT or none")
@@ -35,8 +36,16 @@ def check(cfg: RunConfig, *, local: bool) -> None:
         _check_local_fit(cfg)
 
 
-def _check_run_dir(run_dir: str) -> None:
-    """The run directory, or the first of its parents that exists, must be a directory."""
+def _check_run_dir(cfg: RunConfig) -> None:
+    """A URI: its store must be writable (storage.check_writable). A local path: the run
+    directory, or the first of its parents that exists, must be a directory."""
+    run_dir = cfg.run_dir
+    if storage.is_uri(run_dir):
+        if cfg.tensorboard:
+            raise ConfigError(f"tensorboard: true needs a local run_dir, not {run_dir!r}; its event files are "
+                              "written by a local writer: set tensorboard: false, or use a local run_dir")
+        storage.check_writable(run_dir.replace("{time}", "time"))
+        return
     path = Path(run_dir.replace("{time}", "time"))
     for existing in (path, *path.parents):
         if existing.exists():

@@ -10,7 +10,9 @@
 Every plot marks each recovery in events.jsonl (heal, restart) with a vertical line at its
 step. OUT is RUN_DIR/report for one run, ./report for several. Reads only the files the
 driver wrote (see rundir.py), so it works on a run still going or one that was killed:
-no torch, no Ray, and matplotlib only once the plots are drawn.
+no torch, no Ray, and matplotlib only once the plots are drawn. A RUN_DIR may be an
+object-storage URI (storage.py; metrics as of the driver's last upload); OUT is always
+local (./report for a URI).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from distrib import storage
 from distrib.errors import ConfigError
 from distrib.protocol import PHASES
 
@@ -27,7 +30,7 @@ from distrib.protocol import PHASES
 class Run:
     """One run directory's records."""
 
-    path: Path
+    path: Path | storage.RemotePath
     name: str
     """What the plots and the summary call it: the directory's name (its path if names clash)."""
     steps: list[dict]
@@ -43,9 +46,10 @@ class Run:
 def report(run_dirs: list[str], out: str | None = None) -> tuple[str, list[Path]]:
     """The text summary of `run_dirs` and the PNGs written to `out` (see the module docstring).
     ConfigError, before anything is written, for a directory that holds no run."""
-    paths = [Path(d) for d in run_dirs]
+    paths = [storage.locate(d, what="RUN_DIR") for d in run_dirs]
     runs = [_load(path, name) for path, name in zip(paths, _names(paths))]
-    out_dir = Path(out) if out else (paths[0] / "report" if len(paths) == 1 else Path("report"))
+    local = len(paths) == 1 and isinstance(paths[0], Path)
+    out_dir = Path(out) if out else (paths[0] / "report" if local else Path("report"))
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} is a file; give a folder for the plots")
     out_dir.mkdir(parents=True, exist_ok=True)

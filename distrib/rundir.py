@@ -6,7 +6,11 @@
     RUN_DIR/events.jsonl    one line per recovery (heal or restart), with its phase times
     RUN_DIR/summary.json    throughput, the step-time breakdown, recoveries and goodput, at the end
     RUN_DIR/checkpoints/    the newest keep_checkpoints snapshots (see checkpoint.py)
-    RUN_DIR/tb/             TensorBoard event files, with `tensorboard: true` (see tblog.py)
+    RUN_DIR/tb/             TensorBoard event files, with `tensorboard: true` (see tblog.py; local only)
+
+RUN_DIR is a local folder or an object-storage URI (s3://, gs://, ...: see storage.py). On
+object storage metrics.jsonl is uploaded in batches (every METRICS_UPLOAD_S and before each
+checkpoint), not per step, and checkpoints/latest.json names the newest complete checkpoint.
 
 The driver's loop says *when* (cadence.py), then calls `save`; this module says *how*:
 the snapshot is kept in memory for recovery and written to disk on a background
@@ -23,14 +27,17 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
 import yaml
 
-from distrib import checkpoint
+from distrib import checkpoint, storage
 from distrib.config import RunConfig, to_dict
 from distrib.errors import ConfigError
 from distrib.metrics import EvalMetrics, StepMetrics
+from distrib.storage import LineLog, RemotePath
+
+METRICS_UPLOAD_S = 10.0
+"""On object storage, metrics.jsonl is rewritten whole at most this often (a request per batch)."""
 
 
 @dataclass(frozen=True)
@@ -44,18 +51,20 @@ class Snapshot:
 class RunDir:
     """One run's directory; make one with `create` or `resume`, and `close` it.
 
-    `cfg` is the run's config with `run_dir` set to this directory's path.
+    `cfg` is the run's config with `run_dir` set to this directory's path. `path` is a
+    pathlib.Path for a local folder, a storage.RemotePath (str() is its URI) on object storage.
     """
 
-    def __init__(self, path: Path, cfg: RunConfig, *, snapshot: Snapshot | None):
+    def __init__(self, path: Path | RemotePath, cfg: RunConfig, *, snapshot: Snapshot | None):
         self.path = path
         self.cfg = cfg.replace(run_dir=str(path))
         self.snapshot = snapshot
         """The newest snapshot (None before the first): where a recovery starts."""
         self._write_config()
-        self._metrics = _MetricsLog(path / "metrics.jsonl")
+        self._metrics = LineLog(path / "metrics.jsonl", upload_every_s=METRICS_UPLOAD_S, create=True)
+        self._events = LineLog(path / "events.jsonl", upload_every_s=0.0, create=False)
         self._tensorboard = None
-        if self.cfg.tensorboard:
+        if self.cfg.tensorboard:  # preflight refuses it with a URI: its writer needs a local folder
             from distrib.tblog import TensorBoardLog
 
             self._tensorboard = TensorBoardLog(path / "tb", self.cfg)
@@ -66,7 +75,7 @@ class RunDir:
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:
         """A new run directory at cfg.run_dir (`{time}` filled in); ConfigError if it holds a run."""
-        path = Path(cfg.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
+        path = storage.locate(cfg.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
         if (path / "metrics.jsonl").exists():
             raise ConfigError(f"run_dir: {str(path)!r} already holds a run (metrics.jsonl); "
                               "choose another run_dir, remove it, or resume it with --resume")
@@ -77,11 +86,11 @@ class RunDir:
         return run
 
     @classmethod
-    def resume(cls, path: str | Path, cfg: RunConfig, *, say: Callable[[str], None]) -> RunDir:
+    def resume(cls, path: str | Path | RemotePath, cfg: RunConfig, *, say: Callable[[str], None]) -> RunDir:
         """The run at `path`, rewound to its newest checkpoint that verifies (newer ones that do
         not are skipped, each said); CheckpointError when none verifies or `cfg` changes the maths.
         config.yaml is rewritten with `cfg`, so what --set changed holds for the next resume."""
-        path = Path(path)
+        path = storage.locate(path, what="--resume")
         ckpt, skipped = checkpoint.newest_valid(path)
         for reason in skipped:
             say(f"skipping a checkpoint: {reason}")
@@ -92,9 +101,8 @@ class RunDir:
         return run
 
     def _write_config(self) -> None:
-        tmp = self.path / "config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        tmp.replace(self.path / "config.yaml")
+        text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        storage.write_whole(self.path / "config.yaml", [text.encode()])
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, step: int, payload: bytes) -> None:
@@ -102,30 +110,32 @@ class RunDir:
         thread (hashing and fsync take ~1 s for resnet18), so the driver goes on feeding the
         replicas meanwhile. Waits for the previous write first: one at a time, in step order."""
         self.snapshot = Snapshot(step, payload)
-        self.flush()
+        self.flush()  # on object storage, uploads the metrics of the steps before `step` too
         self._pending_write = self._writer.submit(checkpoint.write, self.path, step=step, cfg=self.cfg,
                                                   payload=payload, keep=self.cfg.keep_checkpoints)
 
-    def newest_checkpoint(self) -> Path | None:
+    def newest_checkpoint(self) -> Path | RemotePath | None:
         """The newest checkpoint file written so far (None before the first)."""
         files = checkpoint.on_disk(self.path)
         return files[-1] if files else None
 
     def flush(self) -> None:
-        """Wait for the checkpoint being written, raising its error if it failed."""
+        """Upload the metrics not yet uploaded (object storage), and wait for the checkpoint being
+        written, raising its error if it failed."""
+        self._metrics.flush()
         if self._pending_write is not None:
             pending, self._pending_write = self._pending_write, None
             pending.result()
 
     # ---- records -----------------------------------------------------------------------------
     def write_metrics(self, metrics: StepMetrics | EvalMetrics) -> None:
-        self._metrics.write(metrics)
+        self._metrics.append(json.dumps(asdict(metrics)))
         if self._tensorboard is not None:
             self._tensorboard.write(metrics)
 
     def rewind(self, step: int) -> None:
         """Forget the metrics of steps from `step` on: they are about to be run again."""
-        self._metrics.truncate(step)
+        self._metrics.keep(lambda line: json.loads(line)["step"] < step)
         if self._tensorboard is not None:
             from distrib.tblog import TensorBoardLog
 
@@ -134,17 +144,17 @@ class RunDir:
 
     def record_event(self, event: dict) -> None:
         """Append one line to RUN_DIR/events.jsonl (a recovery: ranks, nodes, step, cause, times)."""
-        with (self.path / "events.jsonl").open("a") as f:
-            f.write(json.dumps(event) + "\n")
+        self._events.append(json.dumps(event))
 
     def write_json(self, name: str, value) -> None:
         """RUN_DIR/name as indented JSON (summary.json, classes.json)."""
-        (self.path / name).write_text(json.dumps(value, indent=2) + "\n")
+        storage.write_whole(self.path / name, [json.dumps(value, indent=2).encode() + b"\n"])
 
     def close(self) -> None:
         """Finish the checkpoint being written (never cut short) and close the metrics files."""
         self._writer.shutdown(wait=True)
         self._metrics.close()
+        self._events.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
@@ -154,30 +164,9 @@ class RunDir:
         self.close()
         for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "classes.json", "summary.json"):
             (self.path / name).unlink(missing_ok=True)
+        if isinstance(self.path, RemotePath):
+            return  # no folders, no TensorBoard files on object storage
         shutil.rmtree(self.path / "tb", ignore_errors=True)
         if self._made_dir and not any(self.path.iterdir()):
             self.path.rmdir()
 
-
-class _MetricsLog:
-    """Appends one JSON line per step to RUN_DIR/metrics.jsonl, flushed per write."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file: IO[str] = path.open("a")
-
-    def truncate(self, step: int) -> None:
-        """Keep only the lines of steps before `step`."""
-        self._file.close()
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
-        self._file = self.path.open("a")
-
-    def write(self, metrics: StepMetrics | EvalMetrics) -> None:
-        self._file.write(json.dumps(asdict(metrics)) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()

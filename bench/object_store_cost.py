@@ -1,0 +1,97 @@
+"""The cost of a run directory on object storage against a local one: images/s during training,
+the time to write one checkpoint, and the time to resume from the URI.
+
+A local S3 server (moto's threaded server, reached through AWS_ENDPOINT_URL as MinIO would be),
+2 CPU workers, resnet18 at 64 px, 32 images per worker, gloo, a checkpoint every
+--checkpoint-every steps in both runs; `--rounds` alternating pairs on one local Ray instance so
+drift in the machine's load hits both. Goal: at most 1% slower (ratio >= 0.99). A local server
+has no network latency: against real S3 the uploads take longer, but they run beside the steps
+(checkpoints on the writer thread, metrics every METRICS_UPLOAD_S), so what the steps see is the
+driver's time per upload call, which the ratio here bounds.
+
+    .venv/bin/python bench/object_store_cost.py [--steps 20] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+from distrib import Orchestrator, RunConfig, checkpoint, config
+from distrib.rundir import RunDir
+
+BUCKET = "bench-runs"
+
+
+def start_s3() -> object:
+    """A local S3 server with BUCKET; the environment points pyarrow at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return server
+
+
+def bench_cfg(run_dir: str, steps: int, checkpoint_every: int) -> RunConfig:
+    return RunConfig(num_workers=2, device="cpu", steps=steps, image_size=64, batch_size_per_worker=32,
+                     checkpoint_every=checkpoint_every, run_dir=run_dir)
+
+
+def images_per_s(cfg: RunConfig) -> float:
+    with Orchestrator(cfg, progress=False) as orch:
+        orch.train()
+        return orch.summary()["images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    args = parser.parse_args()
+    server = start_s3()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    tmp = Path(tempfile.mkdtemp(prefix="object-store-cost-"))
+    try:
+        ratios = []
+        for i in range(args.rounds):
+            local = images_per_s(bench_cfg(str(tmp / f"local-{i}"), args.steps, args.checkpoint_every))
+            remote = images_per_s(bench_cfg(f"s3://{BUCKET}/run-{i}", args.steps, args.checkpoint_every))
+            ratios.append(remote / local)
+            print(f"round {i}: local {local:.1f} images/s, s3 {remote:.1f} images/s, ratio {ratios[-1]:.4f}",
+                  flush=True)
+        print(f"median ratio s3 / local: {statistics.median(ratios):.4f} (goal >= 0.99)")
+
+        uri = f"s3://{BUCKET}/run-0"
+        ckpt, _ = checkpoint.newest_valid(uri)
+        cfg = config.from_dict(ckpt.config)  # resolved (backend, device), as the run wrote it
+        for where in (str(tmp / "write-local"), f"s3://{BUCKET}/write"):
+            start = time.perf_counter()
+            checkpoint.write(where, step=ckpt.step, cfg=cfg, payload=ckpt.payload, keep=2)
+            print(f"one checkpoint ({len(ckpt.payload) / 1e6:.1f} MB) written to {where.split(':')[0]}: "
+                  f"{time.perf_counter() - start:.3f} s (on S3: upload, read-back sha256, marker)")
+        start = time.perf_counter()
+        run = RunDir.resume(uri, cfg, say=lambda text: None)
+        run.close()
+        print(f"resume from {uri} (config, newest marked checkpoint read and verified, metrics): "
+              f"{time.perf_counter() - start:.3f} s")
+    finally:
+        ray.shutdown()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Run directories on object storage, against a real S3 API: moto's threaded server, which
+pyarrow reaches through AWS_ENDPOINT_URL like any S3-compatible store (MinIO, Ceph).
+
+The driver builds its filesystem from the URI and the environment only, so each test sets the
+environment (endpoint, keys) and passes nothing else; the CLI runs as a subprocess that
+inherits it, joined to this module's Ray instance.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distrib import Orchestrator, RunConfig, checkpoint, config, storage
+from tests.conftest import assert_bit_identical, flat_state
+
+BUCKET = "distrib-runs"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A local S3 server (moto's, in its own process: in this one it would share the interpreter
+    lock with the driver under test) with BUCKET, and the environment that points pyarrow (and
+    the CLI) at it."""
+    import boto3
+
+    from distrib.comm import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the server answers
+            try:
+                boto3.client("s3").create_bucket(Bucket=BUCKET)
+                break
+            except Exception:
+                assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.2)
+        yield env
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def run_uri(s3_env, request) -> str:
+    return f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}/run"
+
+
+@pytest.fixture(scope="module")
+def ray_small():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def distrib_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distrib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, **popen)
+
+
+# ---- checkpoints: the marker, and an upload cut short ------------------------------------------
+CFG = RunConfig(steps=10)
+
+
+def test_checkpoints_on_s3_keep_the_newest_and_a_marker(run_uri):
+    for step in (2, 4, 6, 8):
+        checkpoint.write(run_uri, step=step, cfg=CFG, payload=b"state" + bytes([step]), keep=2)
+    folder = checkpoint.checkpoint_dir(run_uri)
+    assert sorted(p.name for p in folder.iterdir()) == [checkpoint.MARKER, "step-00000006.ckpt", "step-00000008.ckpt"]
+    assert json.loads((folder / checkpoint.MARKER).read_text())["file"] == "step-00000008.ckpt"
+    ckpt, skipped = checkpoint.newest_valid(run_uri)
+    assert (ckpt.step, ckpt.payload, skipped) == (8, b"state\x08", [])
+    assert str(ckpt.path) == f"{run_uri}/checkpoints/step-00000008.ckpt"
+
+
+def test_a_checkpoint_newer_than_the_marker_is_never_the_newest(run_uri):
+    """What a store without atomic uploads (or a failed one, closed by pyarrow) can leave: a file
+    under its final name whose marker was never written. Even one that verifies is skipped."""
+    checkpoint.write(run_uri, step=2, cfg=CFG, payload=b"two", keep=3)
+    unmarked = storage.locate(f"{run_uri}/other")
+    checkpoint.write(unmarked, step=4, cfg=CFG, payload=b"four", keep=3)
+    (checkpoint.checkpoint_dir(run_uri) / "step-00000004.ckpt").write_bytes(
+        (checkpoint.checkpoint_dir(unmarked) / "step-00000004.ckpt").read_bytes())
+    ckpt, skipped = checkpoint.newest_valid(run_uri)
+    assert ckpt.step == 2
+    assert len(skipped) == 1 and "step-00000004.ckpt is newer than latest.json" in skipped[0]
+
+
+_UPLOAD = """
+import sys
+from distrib import checkpoint
+from distrib.config import RunConfig
+checkpoint.write(sys.argv[1], step=4, cfg=RunConfig(steps=10), payload=b"x" * (256 << 20), keep=3)
+"""
+
+
+def test_an_upload_cut_short_leaves_the_previous_checkpoint_newest(run_uri):
+    import boto3
+
+    checkpoint.write(run_uri, step=2, cfg=CFG, payload=b"two", keep=3)
+    uploader = subprocess.Popen([sys.executable, "-c", _UPLOAD, run_uri])
+    s3 = boto3.client("s3")
+    deadline = time.monotonic() + 60
+    while not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads"):  # the upload has begun
+        assert uploader.poll() is None and time.monotonic() < deadline, "the upload ended before it could be cut"
+        time.sleep(0.01)
+    uploader.send_signal(signal.SIGKILL)
+    uploader.wait()
+    ckpt, skipped = checkpoint.newest_valid(run_uri)
+    assert (ckpt.step, ckpt.payload, skipped) == (2, b"two", [])
+    assert [p.name for p in checkpoint.on_disk(run_uri)] == ["step-00000002.ckpt"]
+    for upload in s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []):  # what a lifecycle rule would do
+        s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+
+
+# ---- bad URIs: one line, exit 2, before Ray starts ----------------------------------------------
+@pytest.mark.parametrize(("args", "env_change", "message"), [
+    (["--set", "run_dir=nosuch://bucket/run"], {},
+     "run_dir: 'nosuch://bucket/run' is invalid: unknown scheme 'nosuch'"),
+    (["--set", "run_dir=s3://no-such-bucket/run"], {}, "bucket 'no-such-bucket' does not exist"),
+    (["--set", f"run_dir=s3://{BUCKET}/run"], {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None},
+     "no S3 credentials found"),
+    (["--resume", "s3://no-such-bucket/run"], {}, "--resume: 's3://no-such-bucket/run' is invalid: bucket"),
+    (["--set", f"run_dir=s3://{BUCKET}/run", "--set", "tensorboard=true"], {}, "tensorboard: true needs a local"),
+])
+def test_a_bad_uri_is_one_line_and_exit_2_before_ray_starts(s3_env, tmp_path, args, env_change, message):
+    env = {**os.environ, "HOME": str(tmp_path), "RAY_ADDRESS": ""}  # no ~/.aws, no cluster to join
+    for name, value in env_change.items():
+        env.pop(name) if value is None else env.update({name: value})
+    started = time.monotonic()
+    proc = distrib_cli("train", "--no-progress", *args, env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert stderr.count("\n") == 1 and stderr.startswith("distrib: error: ") and message in stderr, stderr
+    assert "AWS_SECRET_ACCESS_KEY=" not in stderr and "testing" not in stderr  # no secret in a message
+    assert time.monotonic() - started < 20  # a local Ray start alone takes longer than the check
+
+
+# ---- a training run on S3: killed, resumed from the URI, bit-identical ---------------------------
+def s3_cfg(run_dir: str, **changes) -> RunConfig:
+    """As test_stop's: batchnorm sync, so a resumed run equals an uninterrupted one to the bit."""
+    return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
+                     steps=16, lr=0.05, check_every=4, checkpoint_every=8, loader_workers=0, batchnorm="sync",
+                     run_dir=run_dir).replace(**changes)
+
+
+def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small, tmp_path):
+    import torch
+
+    # The reference runs on local storage: where the files go does not change the numbers.
+    with Orchestrator(s3_cfg(str(tmp_path / "reference")), progress=False) as orch:
+        orch.train()
+        uninterrupted = flat_state(orch.state())
+
+    uri = f"s3://{BUCKET}/killed"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(config.to_dict(s3_cfg(uri))))
+    proc = distrib_cli("train", "--config", str(cfg_file), "--no-progress", "--address", ray_small)
+    marker = checkpoint.checkpoint_dir(uri) / checkpoint.MARKER
+    deadline = time.monotonic() + 180
+    while not (marker.is_file() and json.loads(marker.read_text())["step"] >= 8):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint at step 8 in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # the driver dies at once: no graceful stop, no final upload
+    proc.wait()
+    killed_at = json.loads(marker.read_text())["step"]
+    assert killed_at < 16
+
+    # From "any machine": nothing but the URI and the environment; this process's files are not used.
+    resumed = distrib_cli("train", "--resume", uri, "--no-progress", "--address", ray_small, cwd=str(tmp_path))
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"run directory: {uri}" in stdout
+    ckpt, skipped = checkpoint.newest_valid(uri)
+    assert ckpt.step == 16 and skipped == []
+    final = flat_state(torch.load(io.BytesIO(ckpt.payload), map_location="cpu", weights_only=True))
+    assert_bit_identical(final, uninterrupted)
+    root = storage.locate(uri)
+    steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(16))  # every step once: the batched metrics were uploaded before each checkpoint
+    assert json.loads((root / "summary.json").read_text())["num_workers"] == 2
+    assert (root / "config.yaml").is_file() and not Path(tmp_path / "killed").exists()
+
+    # Read from the URI too: the report of the run, and its weights as a plain state_dict (written locally).
+    from distrib.export import export
+    from distrib.report import report
+
+    text, written = report([uri], str(tmp_path / "report"))
+    assert text.startswith("killed: 16 steps") and written
+    out = export(uri, tmp_path / "model.pth")
+    assert json.loads(out.with_suffix(".json").read_text())["step"] == 16
