@@ -43,6 +43,7 @@ from distrib.jpeg import READ_THREADS, JpegShardSource, _decode, _read_jpeg  # n
 from tests.photos import write_photos  # noqa: E402
 
 CHUNK = 64
+PLAIN = "plain ImageFolder + DataLoader"
 
 
 def _write_chunk(args: tuple[str, int, tuple[int, int]]) -> None:
@@ -77,6 +78,31 @@ def pipeline_rate(source, *, steps: int, batch_size: int, device: torch.device, 
         return steps * batch_size / (time.perf_counter() - start)
     finally:
         source.close()
+
+
+def plain_rate(folder: Path, *, image_size: int, batch_size: int, workers: int, steps: int, warmup: int,
+               device: torch.device) -> float:
+    """images/s of the reference a user would write: torchvision's ImageFolder with the standard
+    float transforms in a DataLoader, batches moved to the device (after `warmup` batches)."""
+    from torchvision.transforms import v2
+
+    from distrib.data import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True),
+                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=transform),
+                                         batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda")
+    batches = iter(loader)
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        images, _ = next(batches)
+        images = images.to(device, non_blocking=True)
+    sync(device)
+    return steps * batch_size / (time.perf_counter() - start)
 
 
 def nvjpeg_stages(source: JpegShardSource, cfg: RunConfig, device: torch.device, repeats: int = 3) -> dict:
@@ -144,10 +170,13 @@ def main() -> None:
             warmup = 2 * args.loader_workers + 2 if decoder != "nvjpeg" else 2
             alone[decoder] = pipeline_rate(source, steps=max(4, steps // 4), batch_size=batch, device=device,
                                            warmup=warmup)
+        alone[PLAIN] = plain_rate(
+            folder, image_size=image_size, batch_size=batch, workers=args.loader_workers, steps=max(4, steps // 4),
+            warmup=2 * args.loader_workers + 2, device=device)
         results["pipeline_alone"] = alone
         print(f"pipeline alone, {name}, {image_size} px, batch {batch}, {args.loader_workers} loader workers: "
-              + ", ".join(f"decoder {d} {r:.0f} img/s" for d, r in alone.items())
-              + f"; torchvision / pil {alone['torchvision'] / alone['pil']:.2f}", flush=True)
+              + ", ".join(f"{d if d == PLAIN else 'decoder ' + d} {r:.0f} img/s" for d, r in alone.items())
+              + f"; torchvision / plain {alone['torchvision'] / alone[PLAIN]:.2f}", flush=True)
         if "nvjpeg" in decoders:
             source = JpegShardSource(base.replace(decoder="nvjpeg"), world_rank=0, device=device)
             results["nvjpeg_stages_ms"] = nvjpeg_stages(source, base, device)

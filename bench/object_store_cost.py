@@ -1,7 +1,7 @@
 """The cost of a run directory on object storage against a local one: images/s during training,
 the time to write one checkpoint, and the time to resume from the URI.
 
-A local S3 server (moto's threaded server, reached through AWS_ENDPOINT_URL as MinIO would be),
+A local S3 server (moto's, in its own process, reached through AWS_ENDPOINT_URL as MinIO would be),
 2 CPU workers, resnet18 at 64 px, 32 images per worker, gloo, a checkpoint every
 --checkpoint-every steps in both runs; `--rounds` alternating pairs on one local Ray instance so
 drift in the machine's load hits both. Goal: at most 1% slower (ratio >= 0.99). A local server
@@ -15,9 +15,10 @@ driver's time per upload call, which the ratio here bounds.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,19 +31,25 @@ from distrib.rundir import RunDir
 BUCKET = "bench-runs"
 
 
-def start_s3() -> object:
-    """A local S3 server with BUCKET; the environment points pyarrow at it."""
+def start_s3() -> subprocess.Popen:
+    """A local S3 server with BUCKET, in its own process (in this one moto would take the
+    driver's interpreter lock); the environment points pyarrow at it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
+    from distrib.comm import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    return server
+    for _ in range(150):  # until it answers
+        try:
+            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            return server
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError("moto_server did not start")
 
 
 def bench_cfg(run_dir: str, steps: int, checkpoint_every: int) -> RunConfig:
@@ -90,7 +97,7 @@ def main() -> None:
               f"{time.perf_counter() - start:.3f} s")
     finally:
         ray.shutdown()
-        server.stop()
+        server.terminate()
 
 
 if __name__ == "__main__":
