@@ -11,7 +11,7 @@ threads) waits for the bytes. On a CPU the copy itself is synchronous.
 from __future__ import annotations
 
 import io
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
 
 import torch
 
@@ -23,15 +23,16 @@ class HostSnapshots:
         self._device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._buffers: list[torch.Tensor] = []
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
-        self._pending: Future | None = None
+        # A plain daemon thread per snapshot (they are rare), not an executor: an executor's
+        # clean-up runs as Ray's SIGTERM tears the actor down and prints a traceback there.
+        self._pending: tuple[threading.Thread, dict] | None = None
 
     def begin(self, state: dict) -> None:
         """Copy `state` (a tree of dicts, lists and tensors, as state_dict() gives) to host
         buffers and start serialising it. Kernels queued after this on the current stream run
         after the copy, so the tensors may be changed at once."""
         if self._pending is not None:
-            self._pending.result()  # its buffers are about to be overwritten
+            self._pending[0].join()  # its buffers are about to be overwritten
         tensors = []
         map_tensors(state, tensors.append)
         if [(t.shape, t.dtype, t.stride()) for t in tensors] != [(b.shape, b.dtype, b.stride()) for b in self._buffers]:
@@ -53,22 +54,32 @@ class HostSnapshots:
             current.wait_stream(self._stream)  # the next steps change the tensors after the copy
         buffers = iter(self._buffers)
         host = map_tensors(state, lambda tensor: next(buffers))
-        self._pending = self._thread.submit(_serialise, host, copied)
+        result: dict = {}
+        thread = threading.Thread(target=_serialise, args=(host, copied, result), name="snapshot", daemon=True)
+        thread.start()
+        self._pending = (thread, result)
 
     def take(self) -> bytes:
         """The bytes of the snapshot begun last (waits for them); RuntimeError if none was begun."""
         if self._pending is None:
             raise RuntimeError("no snapshot was begun: call begin_snapshot before take_snapshot")
-        pending, self._pending = self._pending, None
-        return pending.result()
+        (thread, result), self._pending = self._pending, None
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["bytes"]
 
 
-def _serialise(host: dict, copied: torch.cuda.Event | None) -> bytes:
-    if copied is not None:
-        copied.synchronize()
-    buffer = io.BytesIO()
-    torch.save(host, buffer)
-    return buffer.getvalue()
+def _serialise(host: dict, copied: torch.cuda.Event | None, result: dict) -> None:
+    """torch.save bytes of `host` into result["bytes"] once the copy has landed (or result["error"])."""
+    try:
+        if copied is not None:
+            copied.synchronize()
+        buffer = io.BytesIO()
+        torch.save(host, buffer)
+        result["bytes"] = buffer.getvalue()
+    except Exception as err:  # handed to take(), on the caller's thread
+        result["error"] = err
 
 
 def map_tensors(tree, fn):
