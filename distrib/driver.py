@@ -37,12 +37,11 @@ from distrib.group import ReplicaGroup
 from distrib.hang import HangLimit
 from distrib.metrics import EvalMetrics, StepMetrics, aggregate, combine_evals, format_summary, summarize
 from distrib.progress import Progress, say
-from distrib.prom import RunGauges
 from distrib.protocol import PHASES, Fingerprint, NodeInfo, first_difference
 from distrib.rundir import RunDir
 from distrib.schedule import lr_at
 from distrib.stopping import StopRequest
-from distrib.stragglers import StragglerWatch
+from distrib.watchers import Watchers
 
 CallKind = Literal["steps", cadence.BoundaryCall]
 
@@ -80,7 +79,7 @@ class Orchestrator:
         self.history: list[StepMetrics] = []
         self.evals: list[EvalMetrics] = []
         self.checks_passed = 0
-        self._gauges: RunGauges | None = None  # with prometheus: true, from start()
+        self._watchers: Watchers | None = None  # from start()
         self.rundir: RunDir | None = None
         self._group: ReplicaGroup | None = None
         self._weights_ref: ray.ObjectRef | None = None
@@ -116,8 +115,8 @@ class Orchestrator:
             self.cfg = self.rundir.cfg
             self._hang_limit = HangLimit(self.cfg)
             self._recoveries = recovery.RecoveryLog(self.rundir.record_event, max_restarts=self.cfg.max_restarts)
-            self._stragglers = StragglerWatch(self.cfg, say=self._say, name=lambda rank: self._group.name([rank]))
-            self._gauges = RunGauges(self.rundir.path.name) if self.cfg.prometheus else None
+            self._watchers = Watchers(self.cfg, run_name=self.rundir.path.name, say=self._say,
+                                      name=lambda rank: self._group.name([rank]))
             self.rundir.write_json("classes.json", folders.class_names(self.cfg))
             snapshot = self.rundir.snapshot
             self.step_count = snapshot.step if snapshot else 0
@@ -236,8 +235,7 @@ class Orchestrator:
         finally:
             self._training = False
             self._recoveries.flush()  # a recovery with no step after it (the run failed) is still told
-            if self._gauges is not None:
-                self._gauges.flush(recoveries=self.restarts, checks_passed=self.checks_passed)
+            self._watchers.flush(recoveries=self.restarts, checks_passed=self.checks_passed)
             progress.close()
         self.rundir.flush()
         if self.step_count == cfg.steps:
@@ -311,10 +309,7 @@ class Orchestrator:
                             lr=lr_at(self.cfg, step), partial=partial)
         self.history.append(metrics)
         self.rundir.write_metrics(metrics)
-        if not partial:  # a partial step lacks some ranks' records
-            self._stragglers.step(rank_records, metrics.step_s)
-        if self._gauges is not None:
-            self._gauges.step(metrics, rank_records, recoveries=self.restarts, checks_passed=self.checks_passed)
+        self._watchers.step(metrics, rank_records, recoveries=self.restarts, checks_passed=self.checks_passed)
         return metrics
 
     def _finish_eval(self, call: _Call, started: float, *, queued_to: int) -> float:
@@ -326,8 +321,7 @@ class Orchestrator:
                                 finished_at=time.time())
         self.evals.append(metrics)
         self.rundir.write_metrics(metrics)
-        if self._gauges is not None:
-            self._gauges.evaluation(metrics)
+        self._watchers.evaluation(metrics)
         self._say(f"eval after step {metrics.step}: loss {metrics.loss:.4f}, top-1 {metrics.top1:.4f}, "
                   f"top-5 {metrics.top5:.4f} ({metrics.count} images, {metrics.eval_s:.1f} s)")
         return now
@@ -468,7 +462,7 @@ class Orchestrator:
         summary = {**self.summary(), "checks_passed": self.checks_passed, "restarts": self.restarts,
                    **self._recoveries.summary(sum(m.wall_s for m in self.history)),
                    "num_workers": self.cfg.num_workers, "device": self.cfg.device, "backend": self.cfg.backend,
-                   "stragglers": self._stragglers.summary()}
+                   **self._watchers.summary()}
         self.rundir.write_json("summary.json", summary)
         self._say(format_summary(summary))
 
