@@ -8,6 +8,7 @@ inherits it, joined to this module's Ray instance.
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -53,6 +54,9 @@ def s3_env():
                 time.sleep(0.2)
         yield env
     finally:
+        # No S3 filesystem may outlive pyarrow's S3 finalizer (run at exit): one still held by a
+        # reference cycle at interpreter teardown can crash the process after the tests passed.
+        gc.collect()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
