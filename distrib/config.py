@@ -170,6 +170,15 @@ class RunConfig:
     spare_workers: int = 0
     """Hot spares: actors placed and started ahead with the model built, outside the process
     group, that replace a lost rank in a heal without an actor start (one bundle each)."""
+    min_workers: int = 0
+    """Elastic: when a heal cannot have a lost rank's replacement within `elastic_wait_s` (no
+    spare, and the cluster cannot place a fresh actor), go on with the survivors down to this
+    many ranks, at the same global batch (each survivor takes over lost ranks' logical shards,
+    accumulating their gradients), and grow back to num_workers as soon as the replacement
+    starts. 0 = num_workers: never shrink (a heal waits start_timeout_s, then restarts).
+    Heals run on gloo only (an NCCL run restarts), so on NCCL this has no effect."""
+    elastic_wait_s: float = 30.0
+    """How long a heal waits for a replacement before it shrinks the group (min_workers)."""
     stall_timeout_s: float = 3.0
     """A rank that stays at one step and phase this long while a peer has moved on is called
     stalled and replaced (once a few steps are timed: at least 3 x the median step); 0 = off.
@@ -195,10 +204,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_ranges(self)
+        _check_recovery(self)
 
     @property
     def global_batch_size(self) -> int:
         return self.num_workers * self.batch_size_per_worker
+
+    @property
+    def elastic(self) -> bool:
+        """Whether a heal may shrink the group below num_workers (min_workers)."""
+        return 0 < self.min_workers < self.num_workers
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with `changes` applied and validated (the original is unchanged)."""
@@ -254,9 +269,6 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(0 <= cfg.straggler_fraction < 10, "straggler_fraction", cfg.straggler_fraction,
           "must be in [0, 10) (a fraction of the step time; 0 = off)")
     _rule(cfg.simulate_step_ms >= 0, "simulate_step_ms", cfg.simulate_step_ms, "must be >= 0 (0 = real replicas)")
-    _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
-    _rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
-    _rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")
     _rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
     _rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
     _rule(cfg.stop_grace_s > 0, "stop_grace_s", cfg.stop_grace_s, "must be > 0")
@@ -267,6 +279,21 @@ def _check_ranges(cfg: RunConfig) -> None:
           "nccl needs device: cuda; use backend: gloo (or auto) on cpu")
     _rule(not (cfg.device == "cpu" and cfg.precision == "fp16"), "precision", cfg.precision,
           "fp16 autocast needs device: cuda; use fp32 or bf16 on cpu")
+
+
+def _check_recovery(cfg: RunConfig) -> None:
+    _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
+    _rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
+    _rule(0 <= cfg.min_workers <= cfg.num_workers, "min_workers", cfg.min_workers,
+          f"must be in [1, num_workers={cfg.num_workers}], or 0 for num_workers (never shrink)")
+    _rule(cfg.elastic_wait_s >= 0, "elastic_wait_s", cfg.elastic_wait_s, "must be >= 0")
+    _rule(not cfg.elastic or (cfg.recovery == "heal" and cfg.backend != "nccl"), "min_workers", cfg.min_workers,
+          "a group shrinks in a heal, which needs recovery: heal and gloo; or set min_workers: 0")
+    # Under sync every forward all-reduces BatchNorm statistics: a rank with more shards than
+    # its peers would run more of those collectives than they do.
+    _rule(not cfg.elastic or cfg.batchnorm != "sync", "min_workers", cfg.min_workers,
+          "batchnorm: sync cannot run shrunk; use batchnorm: train or frozen, or min_workers: 0")
+    _rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")
 
 
 def _check_schedule(cfg: RunConfig) -> None:

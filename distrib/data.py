@@ -75,14 +75,14 @@ def synthetic_global_batch(*, seed: int, step: int, global_batch_size: int, imag
     return images, targets
 
 
-def shard_rows(world_rank: int, batch_size_per_worker: int) -> slice:
-    """The rows of the global batch that belong to `world_rank`."""
-    return slice(world_rank * batch_size_per_worker, (world_rank + 1) * batch_size_per_worker)
+def shard_rows(shard: int, batch_size_per_worker: int) -> slice:
+    """The rows of the global batch in logical shard `shard` (rank r's shard at full size)."""
+    return slice(shard * batch_size_per_worker, (shard + 1) * batch_size_per_worker)
 
 
-def shard_positions(*, step: int, world_rank: int, batch_size_per_worker: int, global_batch_size: int) -> range:
-    """Positions in the endless sample stream that `world_rank` trains on at `step`."""
-    start = step * global_batch_size + world_rank * batch_size_per_worker
+def shard_positions(*, step: int, shard: int, batch_size_per_worker: int, global_batch_size: int) -> range:
+    """Positions in the endless sample stream of logical shard `shard` at `step`."""
+    start = step * global_batch_size + shard * batch_size_per_worker
     return range(start, start + batch_size_per_worker)
 
 
@@ -225,12 +225,12 @@ def eval_slice(size: int, *, world_rank: int, world_size: int) -> range:
 class _StepBatches(torch.utils.data.Sampler):
     """Yields this rank's (index, position) list for step, step + 1, ... (a batch sampler for DataLoader)."""
 
-    def __init__(self, cfg: RunConfig, *, world_rank: int, first_step: int, dataset_size: int):
-        self._cfg, self._rank, self._first, self._size = cfg, world_rank, first_step, dataset_size
+    def __init__(self, cfg: RunConfig, *, shard: int, first_step: int, dataset_size: int):
+        self._cfg, self._shard, self._first, self._size = cfg, shard, first_step, dataset_size
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self._first, self._cfg.steps):
-            positions = shard_positions(step=step, world_rank=self._rank,
+            positions = shard_positions(step=step, shard=self._shard,
                                         batch_size_per_worker=self._cfg.batch_size_per_worker,
                                         global_batch_size=self._cfg.global_batch_size)
             yield list(zip(dataset_indices(positions, seed=self._cfg.seed, dataset_size=self._size), positions))
@@ -240,12 +240,13 @@ class _StepBatches(torch.utils.data.Sampler):
 
 
 class ShardSource:
-    """This rank's batches, on its device: `batch(step)` must be asked for steps in order,
-    except that a jump (a resume) restarts the loader at the new step."""
+    """Logical shard `shard` of each step's batch (what rank `shard` trains on at full size), on
+    its device: `batch(step)` must be asked for steps in order, except that a jump (a resume)
+    restarts the loader at the new step."""
 
-    def __init__(self, cfg: RunConfig, *, world_rank: int, device: torch.device):
-        self._cfg, self._rank, self._device = cfg, world_rank, device
-        self._rows = shard_rows(world_rank, cfg.batch_size_per_worker)
+    def __init__(self, cfg: RunConfig, *, shard: int, device: torch.device):
+        self._cfg, self._shard, self._device = cfg, shard, device
+        self._rows = shard_rows(shard, cfg.batch_size_per_worker)
         self._dataset = None if cfg.data == "synthetic" else training_dataset(cfg)
         self._loader: Iterator | None = None
         self._next_step = -1
@@ -265,7 +266,7 @@ class ShardSource:
         if step != self._next_step:
             self._loader = iter(torch.utils.data.DataLoader(
                 self._dataset,
-                batch_sampler=_StepBatches(cfg, world_rank=self._rank, first_step=step,
+                batch_sampler=_StepBatches(cfg, shard=self._shard, first_step=step,
                                            dataset_size=len(self._dataset)),
                 num_workers=cfg.loader_workers, pin_memory=self._device.type == "cuda",
                 persistent_workers=False))

@@ -108,10 +108,8 @@ class Orchestrator:
             connect_ray()
             cfg = comm.resolve_config(self.requested_cfg, cluster_gpus=cluster_gpus())
             preflight.check_cluster_fit(cfg)  # a cluster without an autoscaler names what it lacks at once
-            if self.resume_dir is not None:
-                self.rundir = RunDir.resume(self.resume_dir, cfg, say=self._say)
-            else:
-                self.rundir = RunDir.create(cfg)
+            self.rundir = (RunDir.resume(self.resume_dir, cfg, say=self._say) if self.resume_dir is not None
+                           else RunDir.create(cfg))
             self.cfg = self.rundir.cfg
             self._hang_limit = HangLimit(self.cfg)
             self._recoveries = recovery.RecoveryLog(self.rundir.record_event, max_restarts=self.cfg.max_restarts)
@@ -248,11 +246,15 @@ class Orchestrator:
         next_step = self.step_count
         last_done = time.perf_counter()
         while next_step < end or queue:
+            growing = self._group.ready_to_grow()  # a shrunk group grows once the queue is done
             # Only calls of steps count: a check or snapshot queued between them must not leave
             # the replicas without steps while the driver waits on it.
             while next_step < end and sum(c.kind == "steps" for c in queue) < self.cfg.calls_in_flight \
-                    and not self._leaving():
+                    and not self._leaving() and not growing:
                 next_step = self._queue(queue, next_step, end)
+            if not queue and growing:
+                self._grow()
+                continue
             if not queue:
                 return
             call = queue.popleft()
@@ -378,22 +380,38 @@ class Orchestrator:
         self._restart(err, event)
 
     def _heal(self, err: ReplicaError, event: dict) -> None:
+        world_size = self._group.world_size
         healed = recovery.heal(self._group, err, reported_to=self.step_count, faults=self._faults,
                                timeout_s=self.cfg.start_timeout_s)
         self._recoveries.failed_at(healed.step)
         for step in range(self.step_count, healed.step):  # finished by all before the failure, never reported
             records = healed.unreported[step]  # the survivors' only: the metrics say `partial`
             self._record_step(step, records, wall_s=max(sum(r[p] for p in PHASES) for r in records),
-                              partial=len(records) < self.cfg.num_workers)
+                              partial=len(records) < world_size)
         self.step_count = self._formed_at_step = healed.step
         started = time.monotonic()
         self.check_consistency()
         check_s = time.monotonic() - started
         self._boundary_after_heal()
-        event["ranks"] = sorted(set(err.ranks) | set(healed.replaced))  # all lost, not only the first seen
+        event["ranks"] = sorted(set(err.ranks) | set(healed.replaced) | set(healed.left_out))  # all lost
+        if healed.left_out:
+            self._resized(world_size, "shrink", because=f"no replacement within {self.cfg.elastic_wait_s:g} s")
         self._recoveries.recovered({
             "event": "heal", **event, "replaced": {str(r): how for r, how in healed.replaced.items()},
             **healed.phases_s, "check_s": check_s, "healed_at": time.time(), "steps_redone": 0})
+
+    def _grow(self) -> None:
+        world_size = self._group.world_size
+        if recovery.grow(self._group, step=self.step_count, faults=self._faults, check=self.check_consistency):
+            self._formed_at_step = self.step_count
+            self._resized(world_size, "grow", because="the left-out replacements started")
+
+    def _resized(self, world_size: int, kind: str, *, because: str) -> None:
+        """Say and record (events.jsonl) a change of the group's size from `world_size`."""
+        event = {"event": kind, "step": self.step_count, "from": world_size, "to": self._group.world_size}
+        self._say(f"group {kind}s from {world_size} to {event['to']} of {self.cfg.num_workers} ranks at step "
+                  f"{self.step_count}: {because}")
+        self.rundir.record_event(event)
 
     def _boundary_after_heal(self) -> None:
         """The checkpoint and evaluation due at the step a heal resumes from: the calls that held
@@ -446,15 +464,13 @@ class Orchestrator:
                                 self.cfg.step_timeout_s)[0]
 
     def profile(self) -> dict:
-        """What the overlap hides, measured on the live group (see Trainer.profile); the
-        model is left as it was. Means over ranks."""
+        """What the overlap hides, on the live group (Trainer.profile; the model is left as it was), mean over ranks."""
         results = self._group.wait(self._group.call("profile", self.step_count), "the profile",
                                    self.cfg.step_timeout_s)
         return {key: statistics.fmean(r[key] for r in results) for key in results[0]}
 
     def summary(self) -> dict:
-        """Throughput and phase times over the steps run so far (the first call's steps are
-        warm-up; evaluations are not counted), and the held-out results if any."""
+        """Throughput and phase times so far (the first call's steps are warm-up), and the held-out results."""
         return summarize(self.history, self.evals, global_batch_size=self.cfg.global_batch_size,
                          warmup_steps=self.cfg.steps_per_call)
 

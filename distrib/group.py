@@ -19,6 +19,11 @@ Placement: one bundle per rank and one per hot spare (`spare_workers`). A spare 
 an actor with its model built, waiting outside the process group; it takes the
 bundle of no rank until it replaces one, and a new spare is then started in the
 bundle the lost rank left.
+
+Elastic (`min_workers`): a replacement that is not ready within `elastic_wait_s` of a
+heal (its bundle waits for a node) is left out: the group goes on with fewer ranks, each
+training on several of the num_workers logical shards of every global batch (`shards_of`),
+and the actor joins (`grow`) once Ray has placed and started it.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from distrib.cluster import DrainWatch
 from distrib.config import RunConfig
 from distrib.errors import PlacementError, ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
-from distrib.protocol import NodeInfo
+from distrib.protocol import NodeInfo, shards_of
 from distrib.replica import CONCURRENCY_GROUPS, Replica
 from distrib.simreplica import SimReplica
 from distrib.spares import SparePool
@@ -82,6 +87,8 @@ class ReplicaGroup:
         self._starting: dict[int, ray.ObjectRef] = {}
         """Rank -> the `prepare` call of its fresh replacement, until wait_replaced."""
         self._new_ranks: set[int] = set()
+        self._joining: list[tuple] = []
+        """(actor, bundle, its `prepare` call) of each replacement left out of a shrunk group."""
         self._weights: ray.ObjectRef | None = None
         self._nodes: list[NodeInfo] = []
         self._drains = DrainWatch(lambda: {n.node_id for n in self._nodes})
@@ -90,6 +97,11 @@ class ReplicaGroup:
     def replicas(self) -> list:
         """The actor handles, index = world rank (empty before start and after stop)."""
         return list(self._replicas)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in the group now: num_workers, or fewer while shrunk (min_workers)."""
+        return len(self._replicas)
 
     @property
     def nodes(self) -> list[NodeInfo]:
@@ -138,8 +150,10 @@ class ReplicaGroup:
         cfg = self.cfg
         master_addr, master_port = self.wait([self._replicas[0].rendezvous_address.remote()], "rendezvous",
                                              cfg.start_timeout_s)[0]
+        shards = shards_of(cfg.num_workers, self.world_size)
         # Every rank's join must be in flight at once: each blocks until all have joined.
-        refs = [replica.join.remote(world_rank=rank, world_size=cfg.num_workers, master_addr=master_addr,
+        refs = [replica.join.remote(world_rank=rank, world_size=self.world_size, shards=shards[rank],
+                                    master_addr=master_addr,
                                     master_port=master_port, snapshot=state if rank in needs_state else None,
                                     first_step=first_step, faults=faults if rank in needs_state else None)
                 for rank, replica in enumerate(self._replicas)]
@@ -166,8 +180,13 @@ class ReplicaGroup:
                 how[rank] = "fresh"
         return how
 
-    def wait_replaced(self) -> None:
-        """Wait until every replacement has its model built, and learn where each runs."""
+    def wait_replaced(self) -> list[int]:
+        """Wait until every replacement has its model built, and learn where each runs.
+
+        Elastic (min_workers): a fresh replacement not ready within elastic_wait_s is left out
+        while min_workers ranks remain; its rank leaves the group (those above it move down) and
+        the actor joins later (ready_to_grow, grow). Returns the ranks left out, as numbered before."""
+        late = self._leave_out_late() if self.cfg.elastic and self._starting else []
         done = ray.put(None)  # for the other ranks: one ref per rank keeps index = rank
         self.wait([self._starting.pop(rank, done) for rank in range(len(self._replicas))],
                   "a new replica's set-up", self.cfg.start_timeout_s)
@@ -175,6 +194,57 @@ class ReplicaGroup:
         infos = self.wait([r.node_info.remote() if rank in new else done for rank, r in enumerate(self._replicas)],
                           "start-up", self.cfg.start_timeout_s)
         self._nodes = [info if rank in new else node for rank, (info, node) in enumerate(zip(infos, self._nodes))]
+        return late
+
+    def _leave_out_late(self) -> list[int]:
+        deadline = time.monotonic() + self.cfg.elastic_wait_s
+        refs = list(self._starting.values())
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs),
+                                timeout=max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic())))
+            if len(ready) == len(refs) or time.monotonic() >= deadline:
+                break
+            self.check_abort()
+        late = sorted(rank for rank, ref in self._starting.items() if ref not in ready)
+        if not late or self.world_size - len(late) < self.cfg.min_workers:
+            return []
+        for rank in reversed(late):
+            self._joining.append((self._replicas.pop(rank), self._bundles.pop(rank), self._starting.pop(rank)))
+            self._nodes.pop(rank)
+        moved = lambda rank: rank - sum(gone < rank for gone in late)  # noqa: E731
+        self._starting = {moved(rank): ref for rank, ref in self._starting.items()}
+        self._new_ranks = {moved(rank) for rank in self._new_ranks if rank not in late}
+        return late
+
+    def ready_to_grow(self) -> bool:
+        """Whether an actor left out of a shrunk group has started (no wait)."""
+        return bool(self._joining) and bool(ray.wait([ref for *_, ref in self._joining], timeout=0)[0])
+
+    def grow(self, *, state: ray.ObjectRef, first_step: int, faults: list[Fault]) -> list[int]:
+        """Add the started actors left out of a shrunk group as new ranks (after the others),
+        give them `state` (a snapshot after `first_step` steps, as every rank holds it) and
+        `faults`, and form the larger group. One that failed to start is replaced by a fresh
+        actor in its bundle, which joins later. Returns the new ranks."""
+        ready = set(ray.wait([ref for *_, ref in self._joining], num_returns=len(self._joining), timeout=0)[0])
+        new = []
+        for entry in [e for e in self._joining if e[2] in ready]:
+            self._joining.remove(entry)
+            actor, bundle, prepared = entry
+            try:
+                ray.get(prepared)
+            except ray.exceptions.RayError:  # it died starting: try again in the same bundle
+                self._unread.append(prepared)
+                fresh = self._new_actor(bundle)
+                self._joining.append((fresh, bundle, fresh.prepare.remote(self.cfg, weights=self._weights)))
+                continue
+            new.append(self.world_size)
+            self._replicas.append(actor)
+            self._bundles.append(bundle)
+        if new:
+            self._nodes += self.wait([self._replicas[rank].node_info.remote() for rank in new], "start-up",
+                                     self.cfg.start_timeout_s)
+            self.reform(state=state, first_step=first_step, needs_state=new, faults=faults)
+        return new
 
     def replenish_spares(self) -> None:
         """Start new spares in the bundles used spares left. The driver calls it once the first
@@ -329,15 +399,17 @@ class ReplicaGroup:
         self._drains.stop()
         if orderly and self._replicas:
             ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
-        for replica in self._replicas + self._spares.actors():
+        joining = [actor for actor, *_ in self._joining]
+        for replica in self._replicas + self._spares.actors() + joining:
             try:
                 ray.kill(replica, no_restart=True)
             except Exception:  # already dead: nothing left to free
                 pass
         # Calls of lost ranks and probes nobody read: read now that every actor is gone, so Ray
         # prints no error for them.
-        self.consume(self._unread + list(self._starting.values()) + self._spares.refs(), CLOSE_TIMEOUT_S)
-        self._unread, self._starting, self._replicas = [], {}, []
+        self.consume(self._unread + list(self._starting.values()) + self._spares.refs()
+                     + [ref for *_, ref in self._joining], CLOSE_TIMEOUT_S)
+        self._unread, self._starting, self._replicas, self._joining = [], {}, [], []
         self._spares.clear()
         if self._placement is not None:
             try:
@@ -345,3 +417,4 @@ class ReplicaGroup:
             except Exception:
                 pass
             self._placement = None
+

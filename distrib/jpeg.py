@@ -83,11 +83,12 @@ def resize_centre_crop(image: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 class JpegShardSource:
-    """This rank's batches of a JPEG folder, on its device; `batch(step)` in any order (a step
-    asked again or out of turn is made at once; the next one is prepared ahead on cuda)."""
+    """Logical shard `shard` of each step's batch of a JPEG folder, on its device; `batch(step)`
+    in any order (a step asked again or out of turn is made at once; the next one is prepared
+    ahead on cuda)."""
 
-    def __init__(self, cfg: RunConfig, *, world_rank: int, device: torch.device):
-        self._cfg, self._rank, self._device = cfg, world_rank, device
+    def __init__(self, cfg: RunConfig, *, shard: int, device: torch.device):
+        self._cfg, self._shard, self._device = cfg, shard, device
         folder = torchvision.datasets.ImageFolder(cfg.data_dir, loader=str)  # paths only: nothing decoded
         samples = folder.samples
         if cfg.val_fraction:
@@ -131,7 +132,7 @@ class JpegShardSource:
 
     def _prepare(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
         cfg = self._cfg
-        positions = shard_positions(step=step, world_rank=self._rank, batch_size_per_worker=cfg.batch_size_per_worker,
+        positions = shard_positions(step=step, shard=self._shard, batch_size_per_worker=cfg.batch_size_per_worker,
                                     global_batch_size=cfg.global_batch_size)
         indices = dataset_indices(positions, seed=cfg.seed, dataset_size=len(self._samples))
         paths = [self._samples[i][0] for i in indices]

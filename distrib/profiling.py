@@ -46,7 +46,7 @@ def measure_overlap(trainer, step: int, repeats: int) -> dict:
     """See Trainer.profile, which calls it inside its process group's guard."""
     wire = wire_gradients(trainer.model, trainer.comm_hook.dtype)
     buffers = [b.clone() for b in trainer.model.buffers()]
-    images, targets = trainer.data.batch(step)
+    images, targets = trainer.data[0].batch(step)
     images = images.contiguous(memory_format=trainer.memory_format)
     no_sync = trainer.ddp_module.no_sync() if trainer.world_size > 1 else contextlib.nullcontext()
     backward = []

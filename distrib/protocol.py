@@ -90,3 +90,9 @@ def first_difference(prints: list[Fingerprint]) -> tuple[int, str] | None:
         if len(theirs) != len(prints[0]):
             return rank, f"holds {len(theirs)} state tensors, rank 0 holds {len(prints[0])}"
     return None
+
+
+def shards_of(num_shards: int, world_size: int) -> list[list[int]]:
+    """The logical shards of each global batch that each of `world_size` ranks trains on: shard
+    s goes to rank s mod world_size, so at full size rank r has shard r."""
+    return [list(range(rank, num_shards, world_size)) for rank in range(world_size)]

@@ -4,7 +4,9 @@
              each survivor drops its half-done step and leaves its process group; the
              calls queued behind the failure are consumed (their errors read, not printed)
     replace  a hot spare, else a freshly started actor, takes each lost rank's place (a
-             fresh actor starts as soon as its rank is known lost, during the drop)
+             fresh actor starts as soon as its rank is known lost, during the drop); in an
+             elastic run (min_workers) one not ready within elastic_wait_s is left out, and
+             the survivors take over its logical shards until it joins (group.py)
     state    the survivor furthest on hands its snapshot to the new ranks (and to any
              survivor a step behind) through Ray's object store (made during the replace)
     group    every rank joins a new process group; DDP is rebuilt
@@ -47,6 +49,8 @@ class Healed:
     """Rank -> 'spare' or 'fresh', for each rank replaced."""
     phases_s: dict[str, float]
     """Seconds in each phase: drop, replace, state, group."""
+    left_out: list[int]
+    """Ranks whose replacement was not ready in time: the group shrank by as many (elastic)."""
 
 
 def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: list[Fault],
@@ -83,7 +87,11 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
     state = group.replicas[source].snapshot.remote() if needs_state else None  # made while replacements start
     clock.lap("drop")
 
-    group.wait_replaced()
+    left_out = group.wait_replaced()
+    moved = lambda rank: rank - sum(gone < rank for gone in left_out)  # noqa: E731
+    needs_state = [moved(rank) for rank in needs_state if rank not in left_out]
+    if not needs_state:  # the only ranks to fill were left out
+        state = None
     clock.lap("replace")
     if state is not None and not group.wait_ready(state, "the state hand-over", timeout_s):
         raise ReplicaError(f"{group.name([source])} did not hand over its state within {timeout_s:g} s",
@@ -91,8 +99,21 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
     clock.lap("state")
     group.reform(state=state, first_step=step, needs_state=needs_state, faults=faults)
     clock.lap("group")
-    return Healed(step=step, unreported={s: r for s, r in unreported.items() if s < step}, replaced=replaced,
-                  phases_s=clock.laps)
+    return Healed(step=step, unreported={s: r for s, r in unreported.items() if s < step},
+                  replaced={rank: how for rank, how in replaced.items() if rank not in left_out},
+                  phases_s=clock.laps, left_out=left_out)
+
+
+def grow(group: ReplicaGroup, *, step: int, faults: list[Fault], check: Callable[[], None]) -> bool:
+    """Bring the actors left out of a shrunk group back in at the boundary before `step`: `check`
+    first (the consistency check, which averages the BatchNorm buffers the snapshot holds),
+    rank 0's state to the new ranks, the larger group formed, `check` again. Returns whether
+    the group grew (an actor that failed to start is started again instead)."""
+    check()
+    if not group.grow(state=group.replicas[0].snapshot.remote(), first_step=step, faults=faults):
+        return False
+    check()
+    return True
 
 
 class _Clock:

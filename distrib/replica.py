@@ -58,19 +58,20 @@ class Replica:
 
         self._trainer = Trainer(cfg, weights=weights)
 
-    def join(self, *, world_rank: int, world_size: int, master_addr: str, master_port: int,
+    def join(self, *, world_rank: int, world_size: int, shards: list[int], master_addr: str, master_port: int,
              snapshot: bytes | None, first_step: int, faults: list[Fault] | None) -> None:
         """Leave any group this replica was in and join the one at master_addr:master_port as
-        `world_rank`, after restoring `snapshot` (taken after `first_step` steps) if given; a rank
-        kept from the old group keeps its state (`snapshot` None) and its faults (`faults` None).
-        All ranks of the new group must be called together."""
+        `world_rank`, training on logical `shards` of each global batch, after restoring
+        `snapshot` (taken after `first_step` steps) if given; a rank kept from the old group
+        keeps its state (`snapshot` None) and its faults (`faults` None). All ranks of the new
+        group must be called together."""
         cfg = self._trainer.cfg
         if snapshot is not None:
             self._trainer.restore(snapshot, step=first_step)
         comm.leave_process_group()
         comm.init_process_group(backend=cfg.backend, master_addr=master_addr, master_port=master_port,
                                 world_rank=world_rank, world_size=world_size, timeout_s=cfg.start_timeout_s)
-        self._trainer.join(world_rank=world_rank, faults=faults)
+        self._trainer.join(world_rank=world_rank, shards=shards, faults=faults)
 
     def status(self, since_step: int) -> tuple[int, list[StepRecord]]:
         """The next step this replica would run, and its records of the steps from `since_step`
@@ -115,8 +116,9 @@ class Replica:
     def close(self) -> None:
         """Stop the data loader's processes before the actor is killed: a loader killed with
         it prints a traceback that reaches the driver's terminal."""
-        if self._trainer is not None and self._trainer.data is not None:
-            self._trainer.data.close()
+        if self._trainer is not None:
+            for source in self._trainer.data:
+                source.close()
 
     @ray.method(concurrency_group="probe")
     def position(self) -> Position:

@@ -62,6 +62,7 @@ class SimReplica:
     def __init__(self):
         self.cfg: RunConfig | None = None
         self.world_rank, self.world_size = -1, 1
+        self.shards: list[int] = []
         self.next_step = 0
         self._state = 0
         """The simulated model: a checksum into which every step folds its number."""
@@ -91,14 +92,15 @@ class SimReplica:
         self._state = zlib.crc32(f"seed {cfg.seed}".encode())
         self._position = Position(-1, "idle")
 
-    def join(self, *, world_rank: int, world_size: int, master_addr: str, master_port: int,
+    def join(self, *, world_rank: int, world_size: int, shards: list[int], master_addr: str, master_port: int,
              snapshot: bytes | None, first_step: int, faults: list[Fault] | None) -> None:
-        """Become `world_rank` of `world_size`, after restoring `snapshot` (taken after `first_step`
-        steps) if given; `faults` None keeps this rank's. No process group is formed (the address
-        is unused): simulated replicas do not all-reduce."""
+        """Become `world_rank` of `world_size`, stepping for `shards` (each a step's sleep), after
+        restoring `snapshot` (taken after `first_step` steps) if given; `faults` None keeps this
+        rank's. No process group is formed (the address is unused): simulated replicas do not
+        all-reduce."""
         if snapshot is not None:
             self._restore(snapshot, step=first_step)
-        self.world_rank, self.world_size = world_rank, world_size
+        self.world_rank, self.world_size, self.shards = world_rank, world_size, list(shards)
         if faults is not None:
             self._faults = list(faults)
         self.broken = None
@@ -146,7 +148,7 @@ class SimReplica:
             if fault.kind != "error":  # an error fault stands for a deterministic failure: it stays
                 self._faults.remove(fault)
             fire(fault)
-        step_s = self.cfg.simulate_step_ms / 1e3
+        step_s = self.cfg.simulate_step_ms / 1e3 * max(1, len(self.shards))  # a shrunk group's ranks do more
         for phase, share in REAL_PHASE_SHARES:
             self._position = Position(step, phase)
             if phase == "data":  # a slow fault lengthens loading, as a slow disk would

@@ -9,7 +9,6 @@ k steps synchronises with the host once, not k times.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 
@@ -17,7 +16,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from distrib import allreduce, comm, digest, evaluation, profiling, syncbn
+from distrib import allreduce, comm, ddp, digest, evaluation, profiling, syncbn
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
@@ -77,11 +76,16 @@ class Trainer:
         # sync), copied as each step starts, so a step broken by a lost peer can be dropped.
         self._buffers = [b for b in self.model.buffers()] if cfg.batchnorm != "frozen" else []
         self._buffers_at_step_start = [b.clone() for b in self._buffers]
+        self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
+        self._shard_buffer_sums: list[torch.Tensor] = []
         self.world_rank, self.world_size = -1, 1
         self.ddp_module = self._forward = self.model
         self.comm_hook = allreduce.AllReduceHook(world_size=1, dtype=_AMP_DTYPES.get(cfg.grad_compression))
         self._loss_scale = 1.0
-        self.data: ShardSource | JpegShardSource | None = None
+        self.shards: list[int] = []
+        """The logical shards of each global batch this rank trains on: [world_rank] at full
+        size; more in a group shrunk below num_workers (min_workers)."""
+        self.data: list[ShardSource | JpegShardSource] = []
         self._held_out: HeldOutSource | None = None  # built at the first evaluation
         self._faults: list[Fault] = []
         self.next_step = 0
@@ -92,53 +96,37 @@ class Trainer:
         self.position = Position(-1, "idle")
         """Where this rank is; read by the driver's hang probe from another thread."""
 
-    def join(self, *, world_rank: int, faults: list[Fault] | None) -> None:
-        """Become `world_rank` of the process group this process has just joined: (re)build DDP,
-        the loss scale and the data shard, which depend on the rank and the group. Collective
-        (DDP's set-up checks every rank's model). A rank that was in an earlier group keeps its
-        model, optimizer and armed faults (`faults` None); a new one gets `faults`."""
+    def join(self, *, world_rank: int, shards: list[int], faults: list[Fault] | None) -> None:
+        """Become `world_rank` of the process group this process has just joined, training on
+        logical `shards` of each global batch: (re)build DDP, the loss scale and the data
+        sources, which depend on the rank and the group. Collective (DDP's set-up checks every
+        rank's model). A rank that was in an earlier group keeps its model, optimizer and armed
+        faults (`faults` None); a new one gets `faults`."""
         cfg = self.cfg
         self.ddp_module = self._forward = None  # the old DDP's autograd hooks go with it
         self.world_rank, self.world_size = world_rank, comm.world_size()
         self.comm_hook = allreduce.AllReduceHook(world_size=self.world_size, dtype=self.comm_hook.dtype)
         # With one rank there is nothing to all-reduce (DDP would divide by 1): the plain
         # module gives the same numbers without DDP's per-step hooks and launches.
-        self.ddp_module = self._wrap_ddp(cfg) if self.world_size > 1 else self.model
+        self.ddp_module = ddp.wrap(self.model, cfg, self.device, self.comm_hook) if self.world_size > 1 else self.model
         self._forward = torch.compile(self.ddp_module) if cfg.compile else self.ddp_module
         # DDP averages gradients over ranks. The sum loss is defined on the global batch, so each
-        # rank's share is scaled by the world size to make the average equal the global gradient.
-        self._loss_scale = float(self.world_size) if cfg.loss == "sum" else 1.0
-        if self.data is not None:
-            self.data.close()
-        self.data = (JpegShardSource if cfg.data == "folder" and cfg.decoder == "nvjpeg" else ShardSource)(
-            cfg, world_rank=world_rank, device=self.device)
+        # shard's is scaled by the world size to make the average equal the global gradient; the
+        # mean loss is the mean over num_workers shards, so each shard's is scaled by
+        # world_size / num_workers (1 at full size).
+        self._loss_scale = float(self.world_size) if cfg.loss == "sum" else self.world_size / cfg.num_workers
+        for source in self.data:
+            source.close()
+        self.shards = list(shards)
+        source_class = JpegShardSource if cfg.data == "folder" and cfg.decoder == "nvjpeg" else ShardSource
+        self.data = [source_class(cfg, shard=shard, device=self.device) for shard in self.shards]
         self._held_out = None
         if faults is not None:
             self._faults = [f for f in faults if f.rank == world_rank]
         if self.world_size > 2 and self.next_step > 0:  # two values sum the same in either order
-            self._settle_buckets()
+            ddp.settle_buckets(self)
         self.broken = None
         self.position = Position(self.next_step - 1, "idle")
-
-    def _settle_buckets(self) -> None:
-        """Bring a DDP built mid-run to the gradient buckets of one built at step 0. Collective.
-
-        DDP's first backward reduces all gradients in one bucket, then it rebuilds its buckets
-        in the order gradients became ready. With more than two ranks a bucket's layout decides
-        the order in which the ranks' values are summed, and so the rounding: a DDP rebuilt by a
-        heal or a restart would round its first step differently from the uninterrupted run.
-        One forward and backward of two images on every rank lets it rebuild first; everything
-        they change (BatchNorm buffers, gradients) is put back."""
-        saved = [buffer.clone() for buffer in self.model.buffers()]
-        images = torch.zeros(2, 3, self.cfg.image_size, self.cfg.image_size, device=self.device)
-        images = images.contiguous(memory_format=self.memory_format)
-        targets = (torch.zeros(2, self.cfg.num_classes, device=self.device) if self.cfg.loss == "sum" else
-                   torch.zeros(2, dtype=torch.long, device=self.device))
-        self.loss(images, targets).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.comm_hook.pop_window_s()
-        for buffer, value in zip(self.model.buffers(), saved):
-            buffer.copy_(value)
 
     def _set_train_mode(self) -> None:
         """Training mode, with BatchNorm in eval mode under batchnorm: frozen."""
@@ -147,27 +135,6 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, _BatchNorm):
                     module.eval()
-
-    def _wrap_ddp(self, cfg: RunConfig) -> DistributedDataParallel:
-        # No buffer broadcast at each forward: under `train`, BatchNorm running stats are
-        # averaged over ranks before every fingerprint and state read instead (see
-        # sync_buffers), saving a collective per step; under `sync` and `frozen` they are
-        # identical already. Newer torch renamed the switch.
-        options = inspect.signature(DistributedDataParallel).parameters
-        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in options else {
-            "broadcast_buffers": False}
-        # No broadcast of rank 0's state at set-up either: every rank holds the same state by
-        # construction (same seed, same weights, same snapshot), and the driver's digest check
-        # right after proves it; the broadcast (90 MB) would only lengthen start-up and heals.
-        no_init_sync = {"init_sync": False} if "init_sync" in options else {}
-        ddp = DistributedDataParallel(
-            self.model, device_ids=[0] if self.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.bucket_cap_mb, gradient_as_bucket_view=True, **no_buffer_sync, **no_init_sync)
-        # Our hook times the all-reduce window (exact with gloo) and can compress; on GPUs
-        # without compression DDP keeps its built-in C++ hook, with no Python per bucket.
-        if self.device.type == "cpu" or self.comm_hook.dtype is not None:
-            ddp.register_comm_hook(state=None, hook=self.comm_hook.hook)
-        return ddp
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self._amp_dtype or torch.float32,
@@ -222,18 +189,19 @@ class Trainer:
         t0 = self.clock.mark()
         for fault in [f for f in self._faults if f.kind == "slow" and f.step <= step]:
             fire(fault)  # inside the data phase, as a slow loader would be
-        images, targets = self.data.batch(step)
-        images = images.contiguous(memory_format=self.memory_format)
+        batches = [source.batch(step) for source in self.data]
         t1 = self.clock.mark()
         self.position = Position(step, "forward")
-        loss = self.loss(images, targets)
+        # All shards but the last: forward and backward without an all-reduce, their gradients
+        # accumulating (a shrunk group only; their backward counts as forward time).
+        shard_losses = [self._accumulate(images, targets) for images, targets in batches[:-1]]
+        images, targets = batches[-1]
+        loss = self.loss(images.contiguous(memory_format=self.memory_format), targets)
         t2 = self.clock.mark()
         self.position = Position(step, "backward")
-        scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
-        if self.scaler is not None:
-            self.scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
+        self._backward(loss)
+        if len(batches) > 1:
+            self._average_shard_buffers(len(batches))
         t3 = self.clock.mark()
         self.position = Position(step, "optimizer")
         if self.scaler is not None:
@@ -244,7 +212,44 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         t4 = self.clock.mark()
         marks.append((t0, t1, t2, t3, t4))
+        if not shard_losses:  # at full size: this rank's loss on its shard
+            return loss.detach()
+        # What the driver adds (sum) or averages over ranks (mean) must come to the global batch's.
+        total = torch.stack([*shard_losses, loss.detach()]).sum()
+        return total if self.cfg.loss == "sum" else total * self._loss_scale
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+
+    def _accumulate(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one shard of several, without DDP's all-reduce (the last
+        shard's backward does it, for all of them). Its BatchNorm running statistics go to the
+        sums that _average_shard_buffers averages, and the step-start values come back, so
+        each shard updates them from the same start, as a rank of its own would."""
+        no_sync = self.ddp_module.no_sync() if isinstance(self.ddp_module, DistributedDataParallel) else \
+            contextlib.nullcontext()
+        with no_sync:
+            loss = self.loss(images.contiguous(memory_format=self.memory_format), targets)
+            self._backward(loss)
+        if self._float_buffers:
+            if self._shard_buffer_sums:
+                torch._foreach_add_(self._shard_buffer_sums, self._float_buffers)
+            else:
+                self._shard_buffer_sums = [b.clone() for b in self._float_buffers]
+            torch._foreach_copy_(self._buffers, self._buffers_at_step_start)
         return loss.detach()
+
+    def _average_shard_buffers(self, num_shards: int) -> None:
+        """BatchNorm running statistics: the mean of the shards' updates (see _accumulate), which
+        sync_buffers weighs by the number of shards; the integer counters advanced once."""
+        if self._float_buffers:
+            torch._foreach_add_(self._float_buffers, self._shard_buffer_sums)
+            torch._foreach_div_(self._float_buffers, float(num_shards))
+            self._shard_buffer_sums = []
 
     def _records(self, first_step: int, losses: list[torch.Tensor], marks: list, comm_windows: list[float]
                  ) -> list[StepRecord]:
@@ -267,6 +272,7 @@ class Trainer:
         collective, so a step that failed never reached it."""
         if self._buffers:
             torch._foreach_copy_(self._buffers, self._buffers_at_step_start)
+        self._shard_buffer_sums = []
         self.optimizer.zero_grad(set_to_none=True)
         self.comm_hook.pop_window_s()
         self._leave(f"{type(err).__name__} at step {self.next_step}")
@@ -343,7 +349,12 @@ class Trainer:
         if self.cfg.batchnorm != "train" or self.world_size == 1 or not buffers:
             return
         flat = torch.cat([b.reshape(-1) for b in buffers])
-        comm.all_reduce_mean_(flat)
+        if self.world_size == self.cfg.num_workers:
+            comm.all_reduce_mean_(flat)
+        else:  # shrunk: each rank holds the mean over its shards; weigh it by their number
+            flat.mul_(len(self.shards))
+            comm.all_reduce_mean_(flat)
+            flat.mul_(self.world_size / self.cfg.num_workers)
         for buffer, averaged in zip(buffers, flat.split([b.numel() for b in buffers])):
             buffer.copy_(averaged.view_as(buffer))
 

@@ -50,6 +50,9 @@ def test_config_is_frozen():
     ("- 1\n- 2\n", [], "must be a YAML mapping"),
     ("gpus_per_worker: 2\n", [], "gpus_per_worker: 2.0 is invalid: must be in (0, 1]"),
     ("gpus_per_worker: 0.5\nbackend: nccl\n", [], "nccl refuses two ranks on one GPU"),
+    ("num_workers: 2\nmin_workers: 3\n", [], "min_workers: 3 is invalid: must be in [1, num_workers=2]"),
+    ("num_workers: 2\nmin_workers: 1\nbatchnorm: sync\n", [], "batchnorm: sync cannot run shrunk"),
+    ("num_workers: 2\nmin_workers: 1\nrecovery: restart\n", [], "a group shrinks in a heal"),
 ])
 def test_bad_values_name_key_value_and_rule(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as err:

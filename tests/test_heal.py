@@ -12,8 +12,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from distrib import Orchestrator, ReplicaError, RunConfig
 from tests.conftest import assert_bit_identical, flat_state
@@ -139,3 +141,35 @@ def test_cli_failure_prints_one_clear_line_and_no_ray_tracebacks(tmp_path):
     assert "Traceback" not in done.stderr and "Unhandled error" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "injected error at step 3" in last and "deterministic, not retried" in last
+
+
+def test_shrinks_when_no_replacement_is_ready_and_grows_back(tmp_path):
+    """min_workers: 1, elastic_wait_s: 0: a fresh actor takes seconds to start, so the kill of
+    rank 1 leaves rank 0 alone, training both logical shards of every global batch, until the
+    actor has started and joins at a step boundary.
+
+    Parameters and momentum stay bit-identical to the uninterrupted run: alone, rank 0 adds the
+    two shards' gradients, each halved (exact), where DDP halves their sum: the same bits. The
+    BatchNorm running statistics agree to fp32 rounding: while shrunk they are averaged over
+    the shards every step, in the uninterrupted run over the ranks at each check (every step
+    here: with checks further apart a heal loses the lost rank's statistics since the last)."""
+    cfg = heal_cfg(tmp_path / "ref", batchnorm="train", steps=8, check_every=1)
+    reference, _ = run(cfg)
+    run_dir = tmp_path / "run"
+    with Orchestrator(cfg.replace(run_dir=str(run_dir), faults="kill:1@3", min_workers=1, elastic_wait_s=0),
+                      progress=False) as orch:
+        orch.train(num_steps=5)
+        assert len(orch.nodes) == 1  # shrunk
+        deadline = time.monotonic() + 60
+        while not orch._group.ready_to_grow() and time.monotonic() < deadline:  # the fresh actor's start
+            time.sleep(0.1)
+        orch.train()
+        assert len(orch.nodes) == 2  # grown back at step 5
+        healed = flat_state(orch.state())
+    shrink, grow = [e for e in events(run_dir) if e["event"] in ("shrink", "grow")]
+    assert (shrink["from"], shrink["to"], grow["from"], grow["to"], grow["step"]) == (2, 1, 1, 2, 5)
+    assert metric_steps(run_dir) == list(range(8))  # no step redone
+    exact = [name for name in reference if "running_" not in name]
+    assert_bit_identical({n: healed[n] for n in exact}, {n: reference[n] for n in exact})
+    for name in set(reference) - set(exact):
+        torch.testing.assert_close(healed[name], reference[name], rtol=1e-5, atol=1e-6)

@@ -45,8 +45,8 @@ def test_crop_and_flip_are_drawn_as_torchvision_draws_them(height, width):
 def test_batches_equal_the_pil_path_up_to_rounding(photos_folder, augment):
     cfg = jpeg_cfg(photos_folder, augment=augment)
     cpu = torch.device("cpu")
-    ours = batches(JpegShardSource(cfg, world_rank=0, device=cpu), range(3))
-    theirs = batches(ShardSource(cfg, world_rank=0, device=cpu), range(3))
+    ours = batches(JpegShardSource(cfg, shard=0, device=cpu), range(3))
+    theirs = batches(ShardSource(cfg, shard=0, device=cpu), range(3))
     for (images, targets), (pil_images, pil_targets) in zip(ours, theirs):
         assert images.shape == pil_images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
         assert torch.equal(targets, pil_targets)
@@ -56,9 +56,9 @@ def test_batches_equal_the_pil_path_up_to_rounding(photos_folder, augment):
 @pytest.mark.parametrize("augment", ["standard", "none"])
 def test_torchvision_decoding_in_the_loader_workers_gives_pils_batches_bit_for_bit(photos_folder, augment):
     cpu = torch.device("cpu")
-    ours = batches(ShardSource(jpeg_cfg(photos_folder, augment=augment, loader_workers=1), world_rank=0,
+    ours = batches(ShardSource(jpeg_cfg(photos_folder, augment=augment, loader_workers=1), shard=0,
                                device=cpu), range(3))
-    theirs = batches(ShardSource(jpeg_cfg(photos_folder, augment=augment, decoder="pil"), world_rank=0,
+    theirs = batches(ShardSource(jpeg_cfg(photos_folder, augment=augment, decoder="pil"), shard=0,
                                  device=cpu), range(3))
     for (images, targets), (pil_images, pil_targets) in zip(ours, theirs):
         assert images.shape == (8, 3, 64, 64) and torch.equal(targets, pil_targets)
@@ -74,9 +74,9 @@ def test_torchvision_decoding_names_a_file_it_cannot_decode(tmp_path):
 
 def test_two_ranks_make_the_one_rank_batch(photos_folder):
     cpu = torch.device("cpu")
-    whole = batches(JpegShardSource(jpeg_cfg(photos_folder), world_rank=0, device=cpu), range(2, 4))
+    whole = batches(JpegShardSource(jpeg_cfg(photos_folder), shard=0, device=cpu), range(2, 4))
     halves = [batches(JpegShardSource(jpeg_cfg(photos_folder, num_workers=2, batch_size_per_worker=4),
-                                      world_rank=rank, device=cpu), range(2, 4)) for rank in (0, 1)]
+                                      shard=rank, device=cpu), range(2, 4)) for rank in (0, 1)]
     for step, (images, targets) in enumerate(whole):
         assert torch.equal(images, torch.cat([halves[0][step][0], halves[1][step][0]]))
         assert torch.equal(targets, torch.cat([halves[0][step][1], halves[1][step][1]]))
@@ -92,7 +92,7 @@ def test_a_bad_file_is_named(photos_folder, tmp_path, content, expected):
         (folder / name).mkdir(parents=True)
         (folder / name / "000.jpg").write_bytes((photos_folder / name / "000.jpg").read_bytes())
     (folder / "bottom" / "bad.jpg").write_bytes(content)
-    source = JpegShardSource(jpeg_cfg(folder, batch_size_per_worker=3), world_rank=0, device=torch.device("cpu"))
+    source = JpegShardSource(jpeg_cfg(folder, batch_size_per_worker=3), shard=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=expected) as err:
         batches(source, range(1))
     assert str(folder / "bottom" / "bad.jpg") in str(err.value) and "\n" not in str(err.value)
@@ -120,9 +120,9 @@ def test_a_folder_with_images_the_decoder_cannot_read_is_refused_before_the_run(
 @pytest.mark.gpu
 def test_nvjpeg_batches_match_the_cpu_ones_and_the_prefetch_changes_nothing(photos_folder):
     cfg = jpeg_cfg(photos_folder, device="cuda", decoder="nvjpeg", steps=5)
-    on_cpu = batches(JpegShardSource(cfg, world_rank=0, device=torch.device("cpu")), range(5))
-    ahead = batches(JpegShardSource(cfg, world_rank=0, device=torch.device("cuda", 0)), range(5))
-    one_by_one = [batches(JpegShardSource(cfg, world_rank=0, device=torch.device("cuda", 0)), range(s, s + 1))[0]
+    on_cpu = batches(JpegShardSource(cfg, shard=0, device=torch.device("cpu")), range(5))
+    ahead = batches(JpegShardSource(cfg, shard=0, device=torch.device("cuda", 0)), range(5))
+    one_by_one = [batches(JpegShardSource(cfg, shard=0, device=torch.device("cuda", 0)), range(s, s + 1))[0]
                   for s in range(5)]
     for (images, targets), (cpu_images, cpu_targets), (alone, _) in zip(ahead, on_cpu, one_by_one):
         assert torch.equal(targets.cpu(), cpu_targets)

@@ -11,6 +11,7 @@ from distrib.config import ConfigError, RunConfig
 from distrib.digest import device_checksum, host_checksum
 from distrib.metrics import aggregate, summarize
 from distrib.model import load_weights
+from distrib.protocol import shards_of
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "sum"])
@@ -26,6 +27,14 @@ def test_shards_of_two_workers_make_the_one_worker_batch(loss):
     assert targets.shape == ((8, 10) if loss == "sum" else (8,))
 
 
+def test_shrunk_ranks_share_out_every_logical_shard_once():
+    assert shards_of(4, 4) == [[0], [1], [2], [3]]  # full size: rank r has shard r
+    for world_size in (1, 2, 3):
+        shards = shards_of(4, world_size)
+        assert len(shards) == world_size and sorted(sum(shards, [])) == [0, 1, 2, 3]
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
 def test_step_seed_is_injective_over_seed_and_step():
     seeds = {data.step_seed(seed, step) for seed in (0, 1, 2**31 - 1) for step in (0, 1, 2**32 - 1)}
     assert len(seeds) == 9
@@ -34,7 +43,7 @@ def test_step_seed_is_injective_over_seed_and_step():
 def test_stream_positions_cover_each_epoch_once():
     size, global_batch = 10, 4
     positions = [p for step in range(5) for rank in range(2)
-                 for p in data.shard_positions(step=step, world_rank=rank, batch_size_per_worker=2,
+                 for p in data.shard_positions(step=step, shard=rank, batch_size_per_worker=2,
                                                global_batch_size=global_batch)]
     assert positions == list(range(20))
     indices = data.dataset_indices(range(20), seed=1, dataset_size=size)
