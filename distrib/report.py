@@ -7,7 +7,7 @@
     OUT/phases-NAME.png       one per run: data, forward, backward and optimizer ms per step, stacked
     OUT/stragglers-NAME.png   one per run whose summary.json has "stragglers": each rank's mean phase times
 
-Every plot marks each recovery in events.jsonl (heal, restart) with a vertical line at its
+Every plot marks each event in events.jsonl (heal, restart, shrink, grow) with a vertical line at its
 step. OUT is RUN_DIR/report for one run, ./report for several. Reads only the files the
 driver wrote (see rundir.py), so it works on a run still going or one that was killed:
 no torch, no Ray, and matplotlib only once the plots are drawn. A RUN_DIR may be an
@@ -116,6 +116,8 @@ def _images_per_s(run: Run) -> float:
 
 
 def _describe_event(event: dict) -> str:
+    if event["event"] in ("shrink", "grow"):
+        return f"{event['event']} from {event['from']} to {event['to']} ranks at step {event['step']}"
     ranks = ", ".join(str(r) for r in event.get("ranks", []))
     text = f"{event['event']} at step {event['step']} (rank {ranks})"
     if "restored_step" in event:

@@ -3,7 +3,8 @@
     RUN_DIR/config.yaml     the resolved config the run goes on with (what --resume reads)
     RUN_DIR/metrics.jsonl   one line per finished step ("kind": "step") and evaluation ("kind": "eval")
     RUN_DIR/classes.json    the names of the model's output classes, in order
-    RUN_DIR/events.jsonl    one line per recovery (heal or restart), with its phase times
+    RUN_DIR/events.jsonl    one line per recovery (heal or restart), with its phase times,
+                            and per change of the group's size (shrink, grow)
     RUN_DIR/summary.json    throughput, the step-time breakdown, recoveries and goodput, at the end
     RUN_DIR/checkpoints/    the newest keep_checkpoints snapshots (see checkpoint.py)
     RUN_DIR/tb/             TensorBoard event files, with `tensorboard: true` (see tblog.py; local only)
