@@ -75,7 +75,7 @@ def run_plain(cfg: RunConfig) -> dict:
     loader = torch.utils.data.DataLoader(held_out, batch_size=64)
     batches = []
     for step in range(cfg.steps):
-        positions = shard_positions(step=step, world_rank=0, batch_size_per_worker=cfg.global_batch_size,
+        positions = shard_positions(step=step, shard=0, batch_size_per_worker=cfg.global_batch_size,
                                     global_batch_size=cfg.global_batch_size)
         batches.append(list(zip(dataset_indices(positions, seed=cfg.seed, dataset_size=len(train_set)), positions)))
     train_loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=batches, num_workers=2))

@@ -109,7 +109,7 @@ def nvjpeg_stages(source: JpegShardSource, cfg: RunConfig, device: torch.device,
     """Milliseconds per batch of the nvjpeg path's stages, run one after another (best of `repeats`)."""
     from distrib.data import dataset_indices, shard_positions
 
-    positions = shard_positions(step=0, world_rank=0, batch_size_per_worker=cfg.batch_size_per_worker,
+    positions = shard_positions(step=0, shard=0, batch_size_per_worker=cfg.batch_size_per_worker,
                                 global_batch_size=cfg.global_batch_size)
     paths = [source._samples[i][0] for i in dataset_indices(positions, seed=cfg.seed,
                                                              dataset_size=len(source._samples))]
@@ -166,7 +166,7 @@ def main() -> None:
         alone = {}
         for decoder in decoders:
             cfg = base.replace(decoder=decoder)
-            source = (JpegShardSource if decoder == "nvjpeg" else ShardSource)(cfg, world_rank=0, device=device)
+            source = (JpegShardSource if decoder == "nvjpeg" else ShardSource)(cfg, shard=0, device=device)
             warmup = 2 * args.loader_workers + 2 if decoder != "nvjpeg" else 2
             alone[decoder] = pipeline_rate(source, steps=max(4, steps // 4), batch_size=batch, device=device,
                                            warmup=warmup)
@@ -178,7 +178,7 @@ def main() -> None:
               + ", ".join(f"{d if d == PLAIN else 'decoder ' + d} {r:.0f} img/s" for d, r in alone.items())
               + f"; torchvision / plain {alone['torchvision'] / alone[PLAIN]:.2f}", flush=True)
         if "nvjpeg" in decoders:
-            source = JpegShardSource(base.replace(decoder="nvjpeg"), world_rank=0, device=device)
+            source = JpegShardSource(base.replace(decoder="nvjpeg"), shard=0, device=device)
             results["nvjpeg_stages_ms"] = nvjpeg_stages(source, base, device)
             source.close()
             print("nvjpeg stages per batch: " + ", ".join(f"{k} {v:.1f}" for k, v in

@@ -1,4 +1,5 @@
-"""The Ray cluster a run uses: connecting to it, and what it has (GPUs, an autoscaler, nodes being drained)."""
+"""The Ray cluster a run uses: connecting to it, what it has (GPUs, an autoscaler, nodes being drained),
+and reserving the bundles of a run's replicas."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+
+from distrib.config import RunConfig
+from distrib.errors import PlacementError
 
 log = logging.getLogger(__name__)
+
+PLACEMENT_POLL_S = 5.0
+"""While waiting for resources, say what is missing this often."""
+PLACEMENT_SLICE_S = 0.5
+"""`check_abort` runs between slices of the wait this long."""
 
 DRAIN_POLL_S = 1.0
 """How often a DrainWatch asks Ray which nodes are being drained (a preemption notice)."""
@@ -108,3 +119,29 @@ class DrainWatch:
                 continue
             node_ids = self._node_ids()
             self.draining = {node: deadline for node, deadline in drained.items() if node in node_ids}
+
+
+def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Callable[[], None]) -> PlacementGroup:
+    """Reserve one bundle per worker and per spare; say what is missing while waiting, then
+    fail clearly after start_timeout_s."""
+    bundle = {"CPU": cfg.cpus_per_worker}
+    if cfg.device == "cuda":
+        bundle["GPU"] = cfg.gpus_per_worker
+    placement = placement_group([bundle] * (cfg.num_workers + cfg.spare_workers), strategy=cfg.placement_strategy)
+    deadline = time.monotonic() + cfg.start_timeout_s
+    ready = placement.ready()
+    polled = time.monotonic()
+    while not ray.wait([ready], timeout=min(PLACEMENT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
+        check_abort()
+        if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
+            continue
+        polled = time.monotonic()
+        spares = f" + {cfg.spare_workers} spare" if cfg.spare_workers else ""
+        want = f"{cfg.num_workers}{spares} x {bundle} ({cfg.placement_strategy})"
+        have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        if time.monotonic() >= deadline:
+            raise PlacementError(
+                f"could not place {want} within {cfg.start_timeout_s:g} s; the cluster has {have} free: "
+                "lower num_workers, spare_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
+        say(f"waiting for resources: {want}; free now: {have}")
+    return placement

@@ -33,13 +33,13 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from distrib import blame
-from distrib.cluster import DrainWatch
+from distrib.cluster import DrainWatch, place_bundles
 from distrib.config import RunConfig
-from distrib.errors import PlacementError, ReplicaError, ReplicaTimeout
+from distrib.errors import ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
 from distrib.protocol import NodeInfo, shards_of
 from distrib.replica import CONCURRENCY_GROUPS, Replica
@@ -49,8 +49,8 @@ from distrib.stall import StallProbes
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_POLL_S = 5.0
-"""While waiting for resources, say what is missing this often."""
+RESULT_SLICE_S = 0.05
+"""A wait on a call's results returns after this long with those in by then (see wait)."""
 WAIT_SLICE_S = 0.5
 """Waits on replicas are cut into slices this long, and `check_abort` runs between them: a
 signal handler must not raise inside ray.wait (Ray turns that into a SystemError), so it
@@ -79,6 +79,7 @@ class ReplicaGroup:
         """Raises to abandon a wait (a second stop signal); run between the slices of every wait."""
         self._wait_deadline = wait_deadline
         self._placement = None
+        self._actor_class = None
         self._replicas: list = []
         self._bundles: list[int] = []
         """Placement-group bundle of each rank."""
@@ -115,7 +116,7 @@ class ReplicaGroup:
         and set every rank up with `weights` and, if given, `snapshot` (taken after `first_step`
         steps). Spares build their models meanwhile; the group does not wait for them."""
         cfg = self.cfg
-        self._place()
+        self._placement = place_bundles(self.cfg, say=self._say, check_abort=self.check_abort)
         self._weights = weights
         self._replicas = [self._new_actor(bundle) for bundle in range(cfg.num_workers)]
         self._bundles = list(range(cfg.num_workers))
@@ -131,8 +132,10 @@ class ReplicaGroup:
 
     def _new_actor(self, bundle: int):
         cfg = self.cfg
-        actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(SimReplica if cfg.simulate_step_ms else Replica)
-        return actor_class.options(
+        if self._actor_class is None:  # once: Ray exports a class each time ray.remote makes one
+            self._actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(
+                SimReplica if cfg.simulate_step_ms else Replica)
+        return self._actor_class.options(
             num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker if cfg.device == "cuda" else 0, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, placement_group_bundle_index=bundle),
         ).remote()
@@ -309,34 +312,6 @@ class ReplicaGroup:
         return ReplicaError(f"{self.name(sorted(ranks))}: node being drained by Ray (a preemption notice){notice}",
                             ranks=sorted(ranks), step=step, cause=f"nodes drained: {nodes}")
 
-    def _bundle(self) -> dict[str, float]:
-        bundle = {"CPU": self.cfg.cpus_per_worker}
-        if self.cfg.device == "cuda":
-            bundle["GPU"] = self.cfg.gpus_per_worker
-        return bundle
-
-    def _place(self) -> None:
-        """Reserve one bundle per worker; say what is missing while waiting, then fail clearly."""
-        cfg, bundle = self.cfg, self._bundle()
-        self._placement = placement_group([bundle] * (cfg.num_workers + cfg.spare_workers),
-                                          strategy=cfg.placement_strategy)
-        deadline = time.monotonic() + cfg.start_timeout_s
-        ready = self._placement.ready()
-        polled = time.monotonic()
-        while not ray.wait([ready], timeout=min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
-            self.check_abort()
-            if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
-                continue
-            polled = time.monotonic()
-            spares = f" + {cfg.spare_workers} spare" if cfg.spare_workers else ""
-            want = f"{cfg.num_workers}{spares} x {bundle} ({cfg.placement_strategy})"
-            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-            if time.monotonic() >= deadline:
-                raise PlacementError(
-                    f"could not place {want} within {cfg.start_timeout_s:g} s; the cluster has {have} free: "
-                    "lower num_workers, spare_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
-            self._say(f"waiting for resources: {want}; free now: {have}")
-
     # ---- calls and waits ---------------------------------------------------------------------
     def call(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         """Call `method` on every replica, in rank order; returns the refs (index = rank)."""
@@ -360,29 +335,39 @@ class ReplicaGroup:
         otherwise. `step` is carried on the error for the caller's recovery policy.
         """
         pending = {ref: rank for rank, ref in enumerate(refs)}
-        started = time.monotonic()
+        started = last_result = time.monotonic()
         watch = StallProbes(self, stall_after_s, started) if stall_after_s else None
         results: list = [None] * len(refs)
         try:
             while pending:
                 cap = self._wait_deadline()
                 remaining_s = min(started + timeout_s, cap if cap is not None else float("inf")) - time.monotonic()
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(WAIT_SLICE_S, remaining_s)))
+                # In batches: the wait returns when all are in, or after a short slice with those in
+                # by then (a failed call among them is seen within the slice): a few waits and gets
+                # per call, not one of each per rank, which at 128 ranks cost the driver ~10%.
+                ready, _ = ray.wait(list(pending), num_returns=len(pending),
+                                    timeout=max(0.0, min(RESULT_SLICE_S, remaining_s)))
                 self.check_abort()
-                if watch is not None and not ready:
+                if not ready and watch is not None and time.monotonic() - last_result >= WAIT_SLICE_S:
                     watch.poll(what, step)
-                if not ready and remaining_s > WAIT_SLICE_S:
+                if not ready and remaining_s > RESULT_SLICE_S:
                     continue
                 if not ready:
                     waited_s = time.monotonic() - started
                     text, stuck = blame.diagnose(self, sorted(pending.values()))
                     raise ReplicaTimeout(f"{what} did not finish within {waited_s:.1f} s: {text}", ranks=stuck,
                                          step=step, cause=f"{what} did not finish: stuck")
-                rank = pending.pop(ready[0])
+                last_result = time.monotonic()
                 try:
-                    results[rank] = ray.get(ready[0])
-                except ray.exceptions.RayError as err:
-                    raise blame.blame(self, rank, err, pending, what, step) from err
+                    values = ray.get(ready)
+                except ray.exceptions.RayError:
+                    values = None
+                for index, ref in enumerate(ready):
+                    rank = pending.pop(ref)
+                    try:
+                        results[rank] = values[index] if values is not None else ray.get(ref)
+                    except ray.exceptions.RayError as err:  # one of them failed: it is read alone
+                        raise blame.blame(self, rank, err, pending, what, step) from err
             return results
         finally:
             if watch is not None:

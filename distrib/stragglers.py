@@ -34,6 +34,7 @@ class StragglerWatch:
         self._sums: dict[int, dict[str, float]] = {}
         self._counts: dict[int, int] = {}
         self._window: deque[tuple[list[float], float]] = deque(maxlen=STRAGGLER_WINDOW)
+        """(each rank's lead time minus the fastest rank's, the step's length) of the latest steps."""
         self.named: list[int] = []
 
     def step(self, rank_records: list[StepRecord], step_s: float) -> None:
@@ -43,16 +44,19 @@ class StragglerWatch:
             for phase in PHASES:
                 sums[phase] += record[phase]
             self._counts[rank] = self._counts.get(rank, 0) + 1
-        self._window.append(([sum(r[p] for p in self.lead_phases) for r in rank_records], step_s))
+        leads = [sum(r[p] for p in self.lead_phases) for r in rank_records]
+        fastest = min(leads)
+        self._window.append(([lead - fastest for lead in leads], step_s))
         if self._fraction and len(self._window) == STRAGGLER_WINDOW:
             self._name_stragglers()
 
     def _name_stragglers(self) -> None:
         step_s = statistics.median(s for _, s in self._window)
-        for rank in range(len(self._window[-1][0])):
-            if rank in self.named or any(len(leads) <= rank for leads, _ in self._window):
+        ranks = min(len(behind) for behind, _ in self._window)  # a group resized within the window: the common ranks
+        for rank in range(ranks):
+            if rank in self.named:
                 continue
-            behind_s = statistics.median(leads[rank] - min(leads) for leads, _ in self._window)
+            behind_s = statistics.median(behind[rank] for behind, _ in self._window)
             if step_s > 0 and behind_s > self._fraction * step_s:
                 self.named.append(rank)
                 what = " + ".join(p[:-2] for p in self.lead_phases)
