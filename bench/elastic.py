@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import ray
+from faults import final_state, train_collecting_errors  # bench/: the script's own folder
 from ray.cluster_utils import Cluster
 
 from distrib import Orchestrator, RunConfig
@@ -37,13 +38,6 @@ from distrib import Orchestrator, RunConfig
 def cfg(run_dir: Path, **changes) -> RunConfig:
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=16, image_size=64, steps=24,
                      run_dir=str(run_dir)).replace(**changes)
-
-
-def final_state(orch: Orchestrator) -> dict:
-    state = orch.state()
-    tensors = dict(state["model"])
-    tensors.update({f"momentum.{k}": v["momentum_buffer"] for k, v in state["optimizer"]["state"].items()})
-    return tensors
 
 
 def max_diff(a: dict, b: dict, *, running: bool) -> float:
@@ -93,7 +87,7 @@ def node_lost(tmp: Path) -> dict:
         run_dir = tmp / "node"
         with Orchestrator(cfg(run_dir, min_workers=1, elastic_wait_s=2, **spread), progress=False) as orch:
             errors: list = []
-            training = threading.Thread(target=lambda: _train(orch, errors), daemon=True)
+            training = threading.Thread(target=lambda: train_collecting_errors(orch, errors), daemon=True)
             training.start()
             while orch.step_count < 6:
                 time.sleep(0.02)
@@ -110,13 +104,6 @@ def node_lost(tmp: Path) -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-def _train(orch: Orchestrator, errors: list) -> None:
-    try:
-        orch.train()
-    except BaseException as err:
-        errors.append(err)
 
 
 def main() -> None:

@@ -91,7 +91,7 @@ def node_loss(tmp: Path) -> dict:
             spare_node = table["bundles_to_node_id"][2]
             (lost_rank,) = [r for r, n in enumerate(orch.nodes) if n.node_id != spare_node]
             errors = []
-            training = threading.Thread(target=lambda: _train(orch, errors), daemon=True)
+            training = threading.Thread(target=lambda: train_collecting_errors(orch, errors), daemon=True)
             training.start()
             while orch.step_count < 6:
                 time.sleep(0.02)
@@ -108,7 +108,8 @@ def node_loss(tmp: Path) -> dict:
         cluster.shutdown()
 
 
-def _train(orch: Orchestrator, errors: list) -> None:
+def train_collecting_errors(orch: Orchestrator, errors: list) -> None:
+    """orch.train(), any error appended to `errors` (for a thread the caller joins)."""
     try:
         orch.train()
     except BaseException as err:
