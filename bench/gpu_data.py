@@ -7,7 +7,8 @@ ImageNet-like sizes (375-500 px a side) and saved as JPEG quality 90, made by th
 - pipeline alone, batches made back to back: `decoder: torchvision` and `decoder: pil` (in
   `--loader-workers` DataLoader processes; pil is the plain torchvision ImageFolder +
   DataLoader reference), and on cuda `decoder: nvjpeg` (distrib/jpeg.py), with the time of
-  its stages (file reads, the batched decode, crop-resize-flip) for one batch;
+  its stages (a loader process's reads and crop draws, the batched decode, the canvas and
+  roi_align) for one batch;
 - training: one replica per decoder and one on synthetic data, each warmed up (so loader
   queues filled during warm-up are drained), then timed over `--rounds` segments; images/s
   from the driver's wall time.
@@ -34,12 +35,11 @@ from pathlib import Path
 import ray
 import torch
 import torchvision
-from torchvision.io import ImageReadMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distrib import Orchestrator, RunConfig  # noqa: E402
 from distrib.data import ShardSource  # noqa: E402
-from distrib.jpeg import READ_THREADS, JpegShardSource, _decode, _read_jpeg  # noqa: E402
+from distrib.jpeg import JpegShardSource, _decode  # noqa: E402
 from tests.photos import write_photos  # noqa: E402
 
 CHUNK = 64
@@ -105,31 +105,29 @@ def plain_rate(folder: Path, *, image_size: int, batch_size: int, workers: int, 
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def nvjpeg_stages(source: JpegShardSource, cfg: RunConfig, device: torch.device, repeats: int = 3) -> dict:
-    """Milliseconds per batch of the nvjpeg path's stages, run one after another (best of `repeats`)."""
-    from distrib.data import dataset_indices, shard_positions
-
-    positions = shard_positions(step=0, shard=0, batch_size_per_worker=cfg.batch_size_per_worker,
-                                global_batch_size=cfg.global_batch_size)
-    paths = [source._samples[i][0] for i in dataset_indices(positions, seed=cfg.seed,
-                                                             dataset_size=len(source._samples))]
+def nvjpeg_stages(source: JpegShardSource, device: torch.device, repeats: int = 3) -> dict:
+    """Milliseconds per batch of the nvjpeg path's stages, run one after another (best of `repeats`):
+    a loader process's item (file reads, frame headers, crop draws) made here on one core, the
+    batched decode, the crops onto the canvas and roi_align, and decode-to-batch as the replica runs it."""
     best: dict[str, float] = {}
     for _ in range(repeats):
         times = {}
         start = time.perf_counter()
-        encoded = list(source._reads.map(_read_jpeg, paths))
-        times["read_ms"] = time.perf_counter() - start
+        batch = source._dataset[0]
+        times["loader_item_one_core_ms"] = time.perf_counter() - start
         start = time.perf_counter()
-        decoded = _decode(encoded, paths, device)
+        ends = batch.offsets
+        decoded = _decode([batch.data[a:b] for a, b in zip(ends[:-1], ends[1:])], batch.paths, device)
         sync(device)
         times["decode_ms"] = time.perf_counter() - start
         start = time.perf_counter()
-        source._augment(decoded, positions)
+        source._crop(decoded, batch.regions, batch.boxes.to(device))
         sync(device)
-        times["augment_ms"] = time.perf_counter() - start
-        start = time.perf_counter()  # the alternative for a share of the batch: libjpeg-turbo on the read threads
-        list(source._reads.map(lambda data: torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB), encoded))
-        times[f"cpu_decode_on_{READ_THREADS}_threads_ms"] = time.perf_counter() - start
+        times["crop_resize_ms"] = time.perf_counter() - start
+        start = time.perf_counter()
+        source.decode_and_augment(batch)
+        sync(device)
+        times["decode_and_augment_ms"] = time.perf_counter() - start
         best = {k: min(v * 1e3, best.get(k, math.inf)) for k, v in times.items()}
     return best
 
@@ -167,7 +165,7 @@ def main() -> None:
         for decoder in decoders:
             cfg = base.replace(decoder=decoder)
             source = (JpegShardSource if decoder == "nvjpeg" else ShardSource)(cfg, shard=0, device=device)
-            warmup = 2 * args.loader_workers + 2 if decoder != "nvjpeg" else 2
+            warmup = 2 * args.loader_workers + 2  # every loader process has made a batch or two
             alone[decoder] = pipeline_rate(source, steps=max(4, steps // 4), batch_size=batch, device=device,
                                            warmup=warmup)
         alone[PLAIN] = plain_rate(
@@ -177,9 +175,9 @@ def main() -> None:
         print(f"pipeline alone, {name}, {image_size} px, batch {batch}, {args.loader_workers} loader workers: "
               + ", ".join(f"{d if d == PLAIN else 'decoder ' + d} {r:.0f} img/s" for d, r in alone.items())
               + f"; torchvision / plain {alone['torchvision'] / alone[PLAIN]:.2f}", flush=True)
-        if "nvjpeg" in decoders:
-            source = JpegShardSource(base.replace(decoder="nvjpeg"), shard=0, device=device)
-            results["nvjpeg_stages_ms"] = nvjpeg_stages(source, base, device)
+        if "nvjpeg" in decoders or args.quick:  # the stages run on the cpu too (libjpeg-turbo), to check the script
+            source = JpegShardSource(base.replace(decoder="nvjpeg", device="cuda"), shard=0, device=device)
+            results["nvjpeg_stages_ms"] = nvjpeg_stages(source, device)
             source.close()
             print("nvjpeg stages per batch: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                           results["nvjpeg_stages_ms"].items()), flush=True)

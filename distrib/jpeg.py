@@ -1,43 +1,58 @@
 """JPEG folders decoded in batches on the GPU with nvJPEG (`decoder: nvjpeg`).
 
 The other decoders (data.ShardSource) decode and crop one image at a time in DataLoader
-worker processes, about a thousand images/s per core. Here the CPU only reads files:
+worker processes, about a thousand images/s per core. Here the per-image work is split
+by where it is cheapest:
 
-- files are read on threads (the reads release the GIL);
-- one `torchvision.io.decode_jpeg` call decodes the whole shard, on the replica's device
-  (nvJPEG's batched decode on cuda, libjpeg-turbo on cpu);
-- each image is cropped (a view), converted and resized with antialiasing on the device,
-  then the batch is flipped and normalised at once;
+- loader worker processes do everything that is per file and CPU-bound: read the files,
+  take each image's size from its JPEG frame header, draw its crop and flip; a step's
+  shard crosses to the replica as one byte buffer with offsets, boxes and flips;
+- the replica decodes the shard in one `torchvision.io.decode_jpeg` call on its device
+  (nvJPEG's batched decode on cuda, libjpeg-turbo on cpu), copies each crop onto one
+  canvas, and resizes all of them in one `torchvision.ops.roi_align` call: output pixels
+  sit where torchvision's resize puts them, each the mean of bilinear samples over its
+  footprint (a box filter where torchvision's antialiasing uses a triangle: within about one
+  8-bit level on average of the PIL path's pixels); then it flips and normalises the batch at once;
 - on cuda the next step's batch is made on a side stream by a background thread while the
   current step trains, and the step's stream waits for it only when it needs it.
+
+Per-image launches are one slice and one copy onto the canvas; the Python work in the
+replica, which competes with the training step for the GIL, does not grow with the image size.
 
 The contract of data.py holds: the sample at stream position p is dataset image
 perm_e[p % n], cropped and flipped with parameters drawn from a generator seeded with
 `sample_seed(seed, p)`, in the order torchvision's RandomResizedCrop and
-RandomHorizontalFlip draw them. So N workers equal 1 worker and a resumed run equals an
-uninterrupted one, and the crops are those of the PIL path (the pixels differ a little:
-another decoder and another resize kernel).
+RandomHorizontalFlip draw them. A sample's pixels depend on nothing else: past its crop's
+far edges the canvas holds a copy of the last row and column (what torchvision's resize
+clamps to), whatever batch it is in. So N workers equal 1 worker and a resumed run equals an
+uninterrupted one; the crops are those of the PIL path, the pixels differ a little (another
+decoder and another resize filter).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import struct
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 import torchvision
-from torch.nn import functional
 from torchvision.io import ImageReadMode
+from torchvision.ops import roi_align
 
 from distrib.config import RunConfig
 from distrib.data import IMAGENET_MEAN, IMAGENET_STD, dataset_indices, sample_seed, shard_positions, split_held_out
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-READ_THREADS = 8
-"""File reads in flight per replica: reads wait on the disk, not the CPU."""
+FRAME_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+"""JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they hold the size."""
 SCALE, LOG_RATIO = (0.08, 1.0), torch.log(torch.tensor((3 / 4, 4 / 3)))
 """RandomResizedCrop's defaults (area fraction; log of the aspect-ratio range, as float32)."""
+CANVAS_SIDE = 1024
+"""Images up to this many pixels a side share one float32 canvas (B x 3 x 1025^2 at most: 3.2 GB at B = 256)."""
 
 
 def resized_crop_box(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
@@ -70,48 +85,124 @@ def augment_params(*, seed: int, position: int, height: int, width: int) -> tupl
     return (*box, bool(torch.rand(1, generator=gen).item() < 0.5))
 
 
-def resize_centre_crop(image: torch.Tensor, image_size: int) -> torch.Tensor:
-    """eval_transform on a (1, 3, H, W) float image: the short side resized to 256/224 of the
-    crop, then the centred square."""
-    height, width = image.shape[-2:]
+def centre_crop_box(height: int, width: int, image_size: int) -> tuple[float, float, float, float]:
+    """(top, left, h, w), in fractions of the image's pixels, of eval_transform's crop: the short
+    side resized to 256/224 of the crop (the long side truncated, as torchvision's Resize does),
+    then the centred image_size square (its offset rounded, as CenterCrop does)."""
     short_to = image_size * 256 // 224
-    long_to = int(short_to * max(height, width) / min(height, width))  # as torchvision's Resize rounds it
-    size = (short_to, long_to) if height <= width else (long_to, short_to)
-    resized = functional.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top, left = int(round((size[0] - image_size) / 2)), int(round((size[1] - image_size) / 2))
-    return resized[..., top:top + image_size, left:left + image_size]
+    long_to = int(short_to * max(height, width) / min(height, width))
+    size_h, size_w = (short_to, long_to) if height <= width else (long_to, short_to)
+    top, left = int(round((size_h - image_size) / 2)), int(round((size_w - image_size) / 2))
+    scale_h, scale_w = height / size_h, width / size_w
+    return top * scale_h, left * scale_w, image_size * scale_h, image_size * scale_w
+
+
+def jpeg_size(data: bytes, path: str) -> tuple[int, int]:
+    """(height, width) from the frame header, without decoding; a file that is not a JPEG, or
+    has no frame header, is named."""
+    if not data.startswith(JPEG_MAGIC):
+        raise ValueError(f"{path} is not a JPEG file (decoder: nvjpeg reads JPEG only); "
+                         "convert it, remove it, or set decoder: pil")
+    at = 2
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+        elif marker in FRAME_MARKERS:
+            height, width = struct.unpack(">HH", data[at + 5:at + 9])
+            if height and width:
+                return height, width
+            break
+        elif marker in (0xD9, 0xDA):  # end of image, or scan data, before any frame header
+            break
+        else:
+            at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    raise ValueError(f"{path} cannot be decoded (no JPEG frame header with a size); remove or re-encode it")
+
+
+class Encoded(NamedTuple):
+    """One step's shard as the loader hands it over: the files' bytes back to back, where each
+    starts (and the end), the part of each image that goes onto the canvas (top, left, h, w),
+    the crop within that part as an roi_align box (x1, y1, x2, y2, pixel edges), the flips, the classes."""
+
+    data: torch.Tensor
+    offsets: list[int]
+    regions: list[tuple[int, int, int, int]]
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    targets: torch.Tensor
+    paths: list[str]
+
+
+class _EncodedSteps(torch.utils.data.Dataset):
+    """Item `step`: this shard's Encoded batch (runs in the loader's worker processes)."""
+
+    def __init__(self, cfg: RunConfig, samples: list[tuple[str, int]], shard: int):
+        self._cfg, self._samples, self._shard = cfg, samples, shard
+
+    def __len__(self) -> int:
+        return self._cfg.steps
+
+    def __getitem__(self, step: int) -> Encoded:
+        cfg = self._cfg
+        positions = shard_positions(step=step, shard=self._shard, batch_size_per_worker=cfg.batch_size_per_worker,
+                                    global_batch_size=cfg.global_batch_size)
+        indices = dataset_indices(positions, seed=cfg.seed, dataset_size=len(self._samples))
+        paths, files, regions, boxes, flips = [], [], [], [], []
+        for index, position in zip(indices, positions):
+            path = self._samples[index][0]
+            with open(path, "rb") as file:
+                data = file.read()
+            height, width = jpeg_size(data, path)
+            if cfg.augment == "standard":  # the crop alone goes to the canvas; the box is all of it
+                top, left, h, w, flip = augment_params(seed=cfg.seed, position=position, height=height, width=width)
+                regions.append((top, left, h, w))
+                boxes.append((0.0, 0.0, w, h))
+            else:  # the whole image goes, and the box is the resized image's centred crop
+                top, left, h, w = centre_crop_box(height, width, cfg.image_size)
+                regions.append((0, 0, height, width))
+                boxes.append((left, top, left + w, top + h))
+                flip = False
+            paths.append(path)
+            files.append(data)
+            flips.append(flip)
+        offsets = [0]
+        for data in files:
+            offsets.append(offsets[-1] + len(data))
+        return Encoded(torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8), offsets, regions,
+                       torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips),
+                       torch.tensor([self._samples[i][1] for i in indices]), paths)
 
 
 class JpegShardSource:
     """Logical shard `shard` of each step's batch of a JPEG folder, on its device; `batch(step)`
-    in any order (a step asked again or out of turn is made at once; the next one is prepared
-    ahead on cuda)."""
+    in any order (a jump restarts the loader at the new step; the next one is prepared ahead on cuda)."""
 
     def __init__(self, cfg: RunConfig, *, shard: int, device: torch.device):
-        self._cfg, self._shard, self._device = cfg, shard, device
+        self._cfg, self._device = cfg, device
         folder = torchvision.datasets.ImageFolder(cfg.data_dir, loader=str)  # paths only: nothing decoded
         samples = folder.samples
         if cfg.val_fraction:
             train, _ = split_held_out(folder.targets, fraction=cfg.val_fraction, seed=cfg.seed)
             samples = [samples[i] for i in train]
-        self._samples = samples
-        self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="jpeg-read")
+        self._dataset = _EncodedSteps(cfg, samples, shard)
+        self._loader: Iterator[Encoded] | None = None
+        self._next_step = -1
         on_gpu = device.type == "cuda"
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="jpeg-ahead") if on_gpu else None
         self._stream = torch.cuda.Stream(device) if on_gpu else None
         self._pending: tuple[int, Future] | None = None
-        scale = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        self._inv_std = 1 / scale
+        self._inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
 
     def close(self) -> None:
-        """Wait for the batch being prepared, then stop the threads."""
+        """Wait for the batch being prepared, then stop the thread and the loader's processes."""
         if self._pending is not None:
             self._pending[1].cancel()
             self._pending = None
         if self._ahead is not None:
             self._ahead.shutdown(wait=True)
-        self._reads.shutdown(wait=True)
+        self._loader, self._next_step = None, -1
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         pending, self._pending = self._pending, None
@@ -130,53 +221,64 @@ class JpegShardSource:
             self._pending = (step + 1, self._ahead.submit(self._prepare, step + 1))
         return images, targets
 
+    def encoded(self, step: int) -> Encoded:
+        """Step `step`'s shard from the loader (restarted there unless it is the next one)."""
+        if step != self._next_step:
+            self._loader = iter(torch.utils.data.DataLoader(
+                self._dataset, batch_size=None, sampler=range(step, self._cfg.steps),
+                num_workers=self._cfg.loader_workers, persistent_workers=False))
+        self._next_step = step + 1
+        return next(self._loader)
+
     def _prepare(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
-        cfg = self._cfg
-        positions = shard_positions(step=step, shard=self._shard, batch_size_per_worker=cfg.batch_size_per_worker,
-                                    global_batch_size=cfg.global_batch_size)
-        indices = dataset_indices(positions, seed=cfg.seed, dataset_size=len(self._samples))
-        paths = [self._samples[i][0] for i in indices]
-        encoded = list(self._reads.map(_read_jpeg, paths))
+        batch = self.encoded(step)
         on_stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with on_stream:
-            decoded = _decode(encoded, paths, self._device)
-            images = self._augment(decoded, positions)
-            targets = torch.tensor([self._samples[i][1] for i in indices]).to(self._device, non_blocking=True)
+            images = self.decode_and_augment(batch)
+            targets = batch.targets.to(self._device, non_blocking=True)
             ready = None
             if self._stream is not None:
                 ready = torch.cuda.Event()
                 ready.record(self._stream)
         return images, targets, ready
 
-    def _augment(self, decoded: list[torch.Tensor], positions: range) -> torch.Tensor:
-        """Crop, resize, flip and normalise: (B, 3, S, S) float32 on the device."""
-        cfg, size = self._cfg, self._cfg.image_size
-        crops, flips = [], []
-        for image, position in zip(decoded, positions):
-            height, width = image.shape[-2:]
-            if cfg.augment != "standard":
-                crops.append(resize_centre_crop(image[None].float(), size))
-                flips.append(False)
-                continue
-            top, left, h, w, flip = augment_params(seed=cfg.seed, position=position, height=height, width=width)
-            crop = image[None, :, top:top + h, left:left + w].float()
-            crops.append(functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False))
-            flips.append(flip)
-        batch = torch.cat(crops)
-        if any(flips):
-            mask = torch.tensor(flips).to(self._device, non_blocking=True).view(-1, 1, 1, 1)
-            batch = torch.where(mask, batch.flip(-1), batch)
-        return (batch.clamp_(0, 255) - self._mean) * self._inv_std
+    def decode_and_augment(self, batch: Encoded) -> torch.Tensor:
+        """Decode, crop, resize, flip and normalise: (B, 3, S, S) float32 on the device."""
+        ends = batch.offsets
+        decoded = _decode([batch.data[start:end] for start, end in zip(ends[:-1], ends[1:])], batch.paths,
+                          self._device)
+        boxes = batch.boxes.to(self._device, non_blocking=True)
+        # One canvas for the parts up to CANVAS_SIDE; a larger one gets its own, so that a few
+        # huge photos do not make the whole batch's canvas huge (the result is the same either way).
+        small = [max(region[2:]) <= CANVAS_SIDE for region in batch.regions]
+        shared, alone = [k for k in range(len(small)) if small[k]], [k for k in range(len(small)) if not small[k]]
+        crops = self._crop([decoded[k] for k in shared], [batch.regions[k] for k in shared], boxes[shared])
+        if alone:
+            crops = torch.cat([crops] + [self._crop([decoded[k]], [batch.regions[k]], boxes[k:k + 1]) for k in alone])
+            crops = crops[torch.tensor(shared + alone).argsort().to(self._device)]
+        flips = batch.flips.to(self._device, non_blocking=True).view(-1, 1, 1, 1)
+        crops = torch.where(flips, crops.flip(-1), crops)
+        return (crops - self._mean).mul_(self._inv_std)
 
-
-def _read_jpeg(path: str) -> torch.Tensor:
-    with open(path, "rb") as file:
-        data = file.read()
-    if not data.startswith(JPEG_MAGIC):
-        raise ValueError(f"{path} is not a JPEG file (decoder: nvjpeg reads JPEG only); "
-                         "convert it, remove it, or set decoder: pil")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    def _crop(self, images: list[torch.Tensor], regions: list[tuple[int, int, int, int]],
+              boxes: torch.Tensor) -> torch.Tensor:
+        """Each image's region onto one canvas, then roi_align of each box (bilinear, as
+        torchvision's resize maps output pixels, averaged over each output pixel's footprint)."""
+        size, device = self._cfg.image_size, self._device
+        if not images:
+            return torch.empty(0, 3, size, size, device=device)
+        heights, widths = [region[2] for region in regions], [region[3] for region in regions]
+        canvas = torch.zeros(len(images), 3, max(heights) + 1, max(widths) + 1, device=device)
+        for slot, image, (top, left, h, w) in zip(canvas, images, regions):
+            slot[:, :h, :w].copy_(image[:, top:top + h, left:left + w])
+        # One more column and row, copies of the last ones: a sample near the far edge then sees
+        # what torchvision's resize sees there (it clamps), whatever canvas the image shares.
+        index = torch.arange(len(images), device=device)
+        h, w = torch.tensor(heights, device=device), torch.tensor(widths, device=device)
+        canvas[index, :, :, w] = canvas[index, :, :, w - 1]
+        canvas[index, :, h, :] = canvas[index, :, h - 1, :]
+        rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)  # box k on canvas image k
+        return roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def _decode(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:

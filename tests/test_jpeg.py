@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision import transforms
 
-from distrib import RunConfig, folders
+from distrib import RunConfig, folders, jpeg
 from distrib.config import ConfigError
 from distrib.data import IMAGENET_STD, ShardSource, sample_seed, torchvision_rgb
 from distrib.jpeg import JpegShardSource, augment_params
@@ -42,7 +42,7 @@ def test_crop_and_flip_are_drawn_as_torchvision_draws_them(height, width):
 
 
 @pytest.mark.parametrize("augment", ["standard", "none"])
-def test_batches_equal_the_pil_path_up_to_rounding(photos_folder, augment):
+def test_batches_equal_the_pil_path_up_to_the_resize_filter(photos_folder, augment):
     cfg = jpeg_cfg(photos_folder, augment=augment)
     cpu = torch.device("cpu")
     ours = batches(JpegShardSource(cfg, shard=0, device=cpu), range(3))
@@ -50,7 +50,9 @@ def test_batches_equal_the_pil_path_up_to_rounding(photos_folder, augment):
     for (images, targets), (pil_images, pil_targets) in zip(ours, theirs):
         assert images.shape == pil_images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
         assert torch.equal(targets, pil_targets)
-        assert (images - pil_images).abs().max() <= ONE_LEVEL
+        # the same crops (a shifted or rescaled one is 5-8 levels off on average at 64 px); the
+        # box filter of roi_align against PIL's triangle filter: 0.8-1.4 levels measured
+        assert (images - pil_images).abs().mean() <= 2 * ONE_LEVEL
 
 
 @pytest.mark.parametrize("augment", ["standard", "none"])
@@ -73,10 +75,13 @@ def test_torchvision_decoding_names_a_file_it_cannot_decode(tmp_path):
 
 
 def test_two_ranks_make_the_one_rank_batch(photos_folder):
+    # Each half's crops share a smaller canvas than the whole batch's; the halves are made in a
+    # loader process, the whole batch in this one.
     cpu = torch.device("cpu")
     whole = batches(JpegShardSource(jpeg_cfg(photos_folder), shard=0, device=cpu), range(2, 4))
-    halves = [batches(JpegShardSource(jpeg_cfg(photos_folder, num_workers=2, batch_size_per_worker=4),
-                                      shard=rank, device=cpu), range(2, 4)) for rank in (0, 1)]
+    halves = [batches(JpegShardSource(jpeg_cfg(photos_folder, num_workers=2, batch_size_per_worker=4,
+                                                loader_workers=1), shard=rank, device=cpu), range(2, 4))
+              for rank in (0, 1)]
     for step, (images, targets) in enumerate(whole):
         assert torch.equal(images, torch.cat([halves[0][step][0], halves[1][step][0]]))
         assert torch.equal(targets, torch.cat([halves[0][step][1], halves[1][step][1]]))
@@ -129,3 +134,23 @@ def test_nvjpeg_batches_match_the_cpu_ones_and_the_prefetch_changes_nothing(phot
         assert torch.equal(images, alone)
         # nvJPEG's IDCT and upsampling differ from libjpeg-turbo's by a few levels, not by crops
         assert (images.cpu() - cpu_images).abs().mean() < 4 * ONE_LEVEL
+
+
+def test_images_past_the_canvas_side_alone_give_the_same_batch(photos_folder, monkeypatch):
+    cpu = torch.device("cpu")
+    shared = batches(JpegShardSource(jpeg_cfg(photos_folder), shard=0, device=cpu), range(2))
+    monkeypatch.setattr(jpeg, "CANVAS_SIDE", 150)  # the photos are 48-400 px a side: some go alone
+    mixed = batches(JpegShardSource(jpeg_cfg(photos_folder), shard=0, device=cpu), range(2))
+    for (images, targets), (alone_images, alone_targets) in zip(shared, mixed):
+        assert torch.equal(images, alone_images) and torch.equal(targets, alone_targets)
+
+
+def test_jpeg_size_reads_the_frame_header_of_baseline_progressive_and_grey_files(photos_folder, tmp_path):
+    from PIL import Image
+
+    paths = sorted(photos_folder.rglob("*.jpg"))[:6]
+    progressive = tmp_path / "progressive.jpg"
+    Image.open(paths[0]).save(progressive, progressive=True, quality=80)
+    for path in paths + [progressive]:
+        with Image.open(path) as image:
+            assert jpeg.jpeg_size(path.read_bytes(), str(path)) == (image.height, image.width)
