@@ -91,9 +91,11 @@ def plain_rate(folder: Path, *, image_size: int, batch_size: int, workers: int, 
     transform = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True),
                             v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(str(folder), transform=transform),
-                                         batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                                         pin_memory=device.type == "cuda")
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    # as many batches as asked for, past the end of an epoch (warm-up can be longer than one)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(warmup + steps) * batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                         drop_last=True, pin_memory=device.type == "cuda")
     batches = iter(loader)
     for _ in range(warmup):
         next(batches)
