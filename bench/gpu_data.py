@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script itself")
     parser.add_argument("--skip-training", action="store_true", help="the pipeline alone")
+    parser.add_argument("--decoders", help="a comma-separated subset of torchvision,pil,nvjpeg (default: all)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     image_size, batch, steps, sizes = args.image_size, args.batch, 100, (375, 500)
@@ -155,6 +156,7 @@ def main() -> None:
     results: dict = {"device": name, "torch": torch.__version__, "image_size": image_size, "batch_size": batch,
                      "loader_workers": args.loader_workers}
     decoders = ["torchvision", "pil"] + (["nvjpeg"] if args.device == "cuda" else [])
+    decoders = [d for d in decoders if args.decoders is None or d in args.decoders.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         folder = make_folder(Path(tmp) / "jpegs", images, sizes)
@@ -170,13 +172,15 @@ def main() -> None:
             warmup = 2 * args.loader_workers + 2  # every loader process has made a batch or two
             alone[decoder] = pipeline_rate(source, steps=max(4, steps // 4), batch_size=batch, device=device,
                                            warmup=warmup)
-        alone[PLAIN] = plain_rate(
-            folder, image_size=image_size, batch_size=batch, workers=args.loader_workers, steps=max(4, steps // 4),
-            warmup=2 * args.loader_workers + 2, device=device)
+        if "torchvision" in decoders:
+            alone[PLAIN] = plain_rate(
+                folder, image_size=image_size, batch_size=batch, workers=args.loader_workers,
+                steps=max(4, steps // 4), warmup=2 * args.loader_workers + 2, device=device)
         results["pipeline_alone"] = alone
         print(f"pipeline alone, {name}, {image_size} px, batch {batch}, {args.loader_workers} loader workers: "
               + ", ".join(f"{d if d == PLAIN else 'decoder ' + d} {r:.0f} img/s" for d, r in alone.items())
-              + f"; torchvision / plain {alone['torchvision'] / alone[PLAIN]:.2f}", flush=True)
+              + (f"; torchvision / plain {alone['torchvision'] / alone[PLAIN]:.2f}" if PLAIN in alone else ""),
+              flush=True)
         if "nvjpeg" in decoders or args.quick:  # the stages run on the cpu too (libjpeg-turbo), to check the script
             source = JpegShardSource(base.replace(decoder="nvjpeg", device="cuda"), shard=0, device=device)
             results["nvjpeg_stages_ms"] = nvjpeg_stages(source, device)

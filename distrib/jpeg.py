@@ -8,7 +8,7 @@ by where it is cheapest:
   take each image's size from its JPEG frame header, draw its crop and flip; a step's
   shard crosses to the replica as one byte buffer with offsets, boxes and flips;
 - the replica decodes the shard in one `torchvision.io.decode_jpeg` call on its device
-  (nvJPEG's batched decode on cuda, libjpeg-turbo on cpu), copies each crop onto one
+  (nvJPEG's batched decode on cuda, libjpeg-turbo on cpu), gathers the crops onto one
   canvas, and resizes all of them in one `torchvision.ops.roi_align` call: output pixels
   sit where torchvision's resize puts them, each the mean of bilinear samples over its
   footprint (a box filter where torchvision's antialiasing uses a triangle: within about one
@@ -16,8 +16,8 @@ by where it is cheapest:
 - on cuda the next step's batch is made on a side stream by a background thread while the
   current step trains, and the step's stream waits for it only when it needs it.
 
-Per-image launches are one slice and one copy onto the canvas; the Python work in the
-replica, which competes with the training step for the GIL, does not grow with the image size.
+No kernel is launched per image: the replica's Python work, which competes with the
+training step's own launches for the GIL, is a few microseconds an image.
 
 The contract of data.py holds: the sample at stream position p is dataset image
 perm_e[p % n], cropped and flipped with parameters drawn from a generator seeded with
@@ -53,6 +53,8 @@ SCALE, LOG_RATIO = (0.08, 1.0), torch.log(torch.tensor((3 / 4, 4 / 3)))
 """RandomResizedCrop's defaults (area fraction; log of the aspect-ratio range, as float32)."""
 CANVAS_SIDE = 1024
 """Images up to this many pixels a side share one float32 canvas (B x 3 x 1025^2 at most: 3.2 GB at B = 256)."""
+CANVAS_CHUNK = 64
+"""Canvas slots filled per gather (its index: 64 x 3 x 501^2 x 8 bytes = 390 MB for ImageNet-sized crops)."""
 
 
 def resized_crop_box(height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
@@ -190,7 +192,9 @@ class JpegShardSource:
         self._next_step = -1
         on_gpu = device.type == "cuda"
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="jpeg-ahead") if on_gpu else None
-        self._stream = torch.cuda.Stream(device) if on_gpu else None
+        # High priority: the batch's few short kernels run as soon as SMs free up, not after the
+        # training step's queued convolutions (which then wait for them only at the step's end).
+        self._stream = torch.cuda.Stream(device, priority=-1) if on_gpu else None
         self._pending: tuple[int, Future] | None = None
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self._inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
@@ -262,23 +266,43 @@ class JpegShardSource:
 
     def _crop(self, images: list[torch.Tensor], regions: list[tuple[int, int, int, int]],
               boxes: torch.Tensor) -> torch.Tensor:
-        """Each image's region onto one canvas, then roi_align of each box (bilinear, as
-        torchvision's resize maps output pixels, averaged over each output pixel's footprint)."""
-        size, device = self._cfg.image_size, self._device
+        """roi_align of each box on a canvas of the images' regions (bilinear, as torchvision's
+        resize maps output pixels, averaged over each output pixel's footprint)."""
+        size = self._cfg.image_size
         if not images:
-            return torch.empty(0, 3, size, size, device=device)
-        heights, widths = [region[2] for region in regions], [region[3] for region in regions]
-        canvas = torch.zeros(len(images), 3, max(heights) + 1, max(widths) + 1, device=device)
-        for slot, image, (top, left, h, w) in zip(canvas, images, regions):
-            slot[:, :h, :w].copy_(image[:, top:top + h, left:left + w])
-        # One more column and row, copies of the last ones: a sample near the far edge then sees
-        # what torchvision's resize sees there (it clamps), whatever canvas the image shares.
-        index = torch.arange(len(images), device=device)
-        h, w = torch.tensor(heights, device=device), torch.tensor(widths, device=device)
-        canvas[index, :, :, w] = canvas[index, :, :, w - 1]
-        canvas[index, :, h, :] = canvas[index, :, h - 1, :]
-        rois = torch.cat([index[:, None].to(boxes.dtype), boxes], dim=1)  # box k on canvas image k
-        return roi_align(canvas, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            return torch.empty(0, 3, size, size, device=self._device)
+        canvas = self._canvas(images, regions)
+        index = torch.arange(len(images), dtype=boxes.dtype, device=boxes.device)[:, None]  # box k on canvas image k
+        return roi_align(canvas, torch.cat([index, boxes], dim=1), output_size=(size, size), spatial_scale=1.0,
+                         sampling_ratio=-1, aligned=True)
+
+    def _canvas(self, images: list[torch.Tensor], regions: list[tuple[int, int, int, int]]) -> torch.Tensor:
+        """(B, 3, max h + 1, max w + 1) float32: image k's region at the top left of slot k, its
+        last row and column repeated to the slot's edges. A sample near the region's far edge so
+        sees what torchvision's resize sees there (it clamps), whatever canvas the image shares.
+
+        Built by a few gathers from the images laid end to end, not by a copy per image: the
+        launches of a per-image copy cost the replica's CPU about 40 us an image, and that CPU
+        time competes with the training step's own launches."""
+        device = self._device
+        flat = torch.cat([image.reshape(-1) for image in images])
+        starts = [0]
+        for image in images[:-1]:
+            starts.append(starts[-1] + image.numel())
+        shapes = [(start, image.shape[-2], image.shape[-1], *region) for start, image, region in
+                  zip(starts, images, regions)]
+        start, height, width, top, left, h, w = torch.tensor(shapes, device=device).unbind(1)
+        canvas_h, canvas_w = max(region[2] for region in regions) + 1, max(region[3] for region in regions) + 1
+        rows = torch.minimum(torch.arange(canvas_h, device=device), (h - 1)[:, None]) + top[:, None]  # (B, Hc)
+        cols = torch.minimum(torch.arange(canvas_w, device=device), (w - 1)[:, None]) + left[:, None]  # (B, Wc)
+        planes = start[:, None] + torch.arange(3, device=device) * (height * width)[:, None]  # (B, 3)
+        canvas = torch.empty(len(images), 3, canvas_h, canvas_w, device=device)
+        for first in range(0, len(images), CANVAS_CHUNK):  # the int64 index of a chunk: 8 bytes a canvas pixel
+            part = slice(first, first + CANVAS_CHUNK)
+            index = (planes[part, :, None, None] + (rows[part] * width[part, None])[:, None, :, None]
+                     + cols[part, None, None, :])
+            canvas[part] = flat[index]
+        return canvas
 
 
 def _decode(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
