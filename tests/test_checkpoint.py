@@ -58,6 +58,18 @@ def test_damaged_newest_falls_back_to_the_one_before(tmp_path, damage, reason):
         checkpoint.read(newest)
 
 
+@pytest.mark.parametrize("stored", [b"MAGIC-header-payload", b"MAGIC-header-paylaod", b"MAGIC-header-pay", b""])
+def test_an_upload_is_checked_byte_for_byte_against_what_was_sent(tmp_path, stored):
+    path = tmp_path / "step-00000002.ckpt"
+    path.write_bytes(stored)
+    chunks = [b"MAGIC-", b"header-", b"payload"]
+    if stored == b"".join(chunks):
+        checkpoint.check_uploaded(path, chunks)
+        return
+    with pytest.raises(CheckpointError, match="did not upload whole"):
+        checkpoint.check_uploaded(path, chunks)
+
+
 def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no valid checkpoint in"):
         checkpoint.newest_valid(tmp_path)
