@@ -41,9 +41,6 @@ def _check_run_dir(cfg: RunConfig) -> None:
     directory, or the first of its parents that exists, must be a directory."""
     run_dir = cfg.run_dir
     if storage.is_uri(run_dir):
-        if cfg.tensorboard:
-            raise ConfigError(f"tensorboard: true needs a local run_dir, not {run_dir!r}; its event files are "
-                              "written by a local writer: set tensorboard: false, or use a local run_dir")
         storage.check_writable(run_dir.replace("{time}", "time"))
         return
     path = Path(run_dir.replace("{time}", "time"))

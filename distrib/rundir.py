@@ -7,11 +7,12 @@
                             and per change of the group's size (shrink, grow)
     RUN_DIR/summary.json    throughput, the step-time breakdown, recoveries and goodput, at the end
     RUN_DIR/checkpoints/    the newest keep_checkpoints snapshots (see checkpoint.py)
-    RUN_DIR/tb/             TensorBoard event files, with `tensorboard: true` (see tblog.py; local only)
+    RUN_DIR/tb/             TensorBoard event files, with `tensorboard: true` (see tblog.py)
 
 RUN_DIR is a local folder or an object-storage URI (s3://, gs://, ...: see storage.py). On
-object storage metrics.jsonl is uploaded in batches (every METRICS_UPLOAD_S and before each
-checkpoint), not per step, and checkpoints/latest.json names the newest complete checkpoint.
+object storage metrics.jsonl (and TensorBoard's files) are uploaded in batches (every
+METRICS_UPLOAD_S and before each checkpoint), not per step, and checkpoints/latest.json
+names the newest complete checkpoint.
 
 The driver's loop says *when* (cadence.py), then calls `save`; this module says *how*:
 the snapshot is kept in memory for recovery and written to disk on a background
@@ -65,7 +66,7 @@ class RunDir:
         self._metrics = LineLog(path / "metrics.jsonl", upload_every_s=METRICS_UPLOAD_S, create=True)
         self._events = LineLog(path / "events.jsonl", upload_every_s=0.0, create=False)
         self._tensorboard = None
-        if self.cfg.tensorboard:  # preflight refuses it with a URI: its writer needs a local folder
+        if self.cfg.tensorboard:
             from distrib.tblog import TensorBoardLog
 
             self._tensorboard = TensorBoardLog(path / "tb", self.cfg)
@@ -124,6 +125,8 @@ class RunDir:
         """Upload the metrics not yet uploaded (object storage), and wait for the checkpoint being
         written, raising its error if it failed."""
         self._metrics.flush()
+        if self._tensorboard is not None:
+            self._tensorboard.upload()
         if self._pending_write is not None:
             pending, self._pending_write = self._pending_write, None
             pending.result()
@@ -165,8 +168,11 @@ class RunDir:
         self.close()
         for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "classes.json", "summary.json"):
             (self.path / name).unlink(missing_ok=True)
-        if isinstance(self.path, RemotePath):
-            return  # no folders, no TensorBoard files on object storage
+        if isinstance(self.path, RemotePath):  # no folders there; TensorBoard's files, by name
+            tb = self.path / "tb"
+            for file in tb.iterdir():
+                file.unlink(missing_ok=True)
+            return
         shutil.rmtree(self.path / "tb", ignore_errors=True)
         if self._made_dir and not any(self.path.iterdir()):
             self.path.rmdir()

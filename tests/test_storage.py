@@ -149,7 +149,6 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint_newest(run_uri):
     (["--set", f"run_dir=s3://{BUCKET}/run"], {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None},
      "no S3 credentials found"),
     (["--resume", "s3://no-such-bucket/run"], {}, "--resume: 's3://no-such-bucket/run' is invalid: bucket"),
-    (["--set", f"run_dir=s3://{BUCKET}/run", "--set", "tensorboard=true"], {}, "tensorboard: true needs a local"),
 ])
 def test_a_bad_uri_is_one_line_and_exit_2_before_ray_starts(s3_env, tmp_path, args, env_change, message):
     env = {**os.environ, "HOME": str(tmp_path), "RAY_ADDRESS": ""}  # no ~/.aws, no cluster to join
@@ -184,7 +183,7 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small
 
     uri = f"s3://{BUCKET}/killed"
     cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(config.to_dict(s3_cfg(uri))))
+    cfg_file.write_text(yaml.safe_dump(config.to_dict(s3_cfg(uri, tensorboard=True))))
     proc = distrib_cli("train", "--config", str(cfg_file), "--no-progress", "--address", ray_small)
     marker = checkpoint.checkpoint_dir(uri) / checkpoint.MARKER
     deadline = time.monotonic() + 180
@@ -209,6 +208,13 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small
     root = storage.locate(uri)
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(16))  # every step once: the batched metrics were uploaded before each checkpoint
+    # TensorBoard's files too: the resumed writer purges the steps redone after the checkpoint.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "tb").mkdir()
+    for file in (root / "tb").iterdir():
+        (tmp_path / "tb" / file.name).write_bytes(file.read_bytes())
+    assert [e.step for e in EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("train/loss")] == steps
     assert json.loads((root / "summary.json").read_text())["num_workers"] == 2
     assert (root / "config.yaml").is_file() and not Path(tmp_path / "killed").exists()
 
@@ -220,3 +226,26 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small
     assert text.startswith("killed: 16 steps") and written
     out = export(uri, tmp_path / "model.pth")
     assert json.loads(out.with_suffix(".json").read_text())["step"] == 16
+
+
+def test_tensorboard_files_on_s3_start_anew_past_their_size_and_keep_every_step(run_uri, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distrib import tblog
+    from distrib.metrics import StepMetrics
+
+    monkeypatch.setattr(tblog, "ROTATE_BYTES", 5000)  # about 20 steps a file
+    monkeypatch.setattr(tblog, "UPLOAD_S", 0.0)  # an upload after every step
+    log = tblog.TensorBoardLog(storage.locate(run_uri) / "tb", CFG)
+    for step in range(60):
+        time.sleep(0.065)  # a file per 1.3 s: event file names (which TensorBoard reads in order) hold whole seconds
+        log.write(StepMetrics(step=step, finished_at=1e9 + step, loss=1.0 / (step + 1), lr=0.1, images_per_s=1.0,
+                              wall_s=1.0, step_s=1.0, data_s=0.1, forward_s=0.2, backward_s=0.3, optimizer_s=0.1))
+    log.close()
+    files = list((storage.locate(run_uri) / "tb").iterdir())
+    assert len(files) >= 3
+    for file in files:
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    losses = EventAccumulator(str(tmp_path)).Reload().Scalars("train/loss")
+    assert [e.step for e in losses] == list(range(60))
+    assert [e.value for e in losses] == pytest.approx([1.0 / (step + 1) for step in range(60)], rel=1e-6)
