@@ -259,13 +259,17 @@ _AWS_CREDENTIAL_VARIABLES = (
 
 def check_writable(location: str, *, what: str = "run_dir") -> None:
     """ConfigError, in a second or so, for a URI that can never be written: an unknown scheme,
-    no credentials (S3), a bucket that does not exist, a store that cannot be reached."""
+    no credentials (S3, GCS), a bucket that does not exist, a store that cannot be reached."""
     path = locate(location, what=what)
     if not isinstance(path, RemotePath):
         return
     if isinstance(path.fs, pafs.S3FileSystem) and "anonymous=" not in location and not _aws_credentials_found():
         raise ConfigError(f"{what}: {location!r} is invalid: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run where a role gives them)")
+    if isinstance(path.fs, pafs.GcsFileSystem) and "anonymous=" not in location and not _gcs_credentials_found():
+        raise ConfigError(f"{what}: {location!r} is invalid: no GCS credentials found; set "
+                          "GOOGLE_APPLICATION_CREDENTIALS to a key file (or run `gcloud auth application-default "
+                          "login`, or run where the metadata server gives them)")
     bucket = path.key.split("/", 1)[0]
     try:
         found = path.fs.get_file_info(bucket).type != pafs.FileType.NotFound
@@ -288,7 +292,27 @@ def _aws_credentials_found() -> bool:
         return True
     if os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
         return False
-    try:  # a connection is enough: off EC2 nothing answers at this link-local address
+    return _metadata_server_answers()
+
+
+def _gcs_credentials_found() -> bool:
+    """Whether Google's default credentials can be found: GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    application-default file, else the metadata server (GCE, GKE; skipped with NO_GCE_CHECK=true,
+    as google-auth skips it)."""
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return True
+    gcloud = Path(os.environ.get("CLOUDSDK_CONFIG", "~/.config/gcloud")).expanduser()
+    if (gcloud / "application_default_credentials.json").is_file():
+        return True
+    if os.environ.get("NO_GCE_CHECK", "").lower() == "true":
+        return False
+    return _metadata_server_answers()
+
+
+def _metadata_server_answers() -> bool:
+    """A cloud VM's metadata server (EC2, GCE: the same link-local address) takes a connection;
+    off a cloud VM nothing answers there."""
+    try:
         socket.create_connection(("169.254.169.254", 80), timeout=0.3).close()
         return True
     except OSError:

@@ -149,11 +149,13 @@ def test_an_upload_cut_short_leaves_the_previous_checkpoint_newest(run_uri):
     (["--set", f"run_dir=s3://{BUCKET}/run"], {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None},
      "no S3 credentials found"),
     (["--resume", "s3://no-such-bucket/run"], {}, "--resume: 's3://no-such-bucket/run' is invalid: bucket"),
+    (["--set", "run_dir=gs://some-bucket/run"], {"NO_GCE_CHECK": "true", "GOOGLE_APPLICATION_CREDENTIALS": None},
+     "run_dir: 'gs://some-bucket/run' is invalid: no GCS credentials found"),
 ])
 def test_a_bad_uri_is_one_line_and_exit_2_before_ray_starts(s3_env, tmp_path, args, env_change, message):
     env = {**os.environ, "HOME": str(tmp_path), "RAY_ADDRESS": ""}  # no ~/.aws, no cluster to join
     for name, value in env_change.items():
-        env.pop(name) if value is None else env.update({name: value})
+        env.pop(name, None) if value is None else env.update({name: value})
     started = time.monotonic()
     proc = distrib_cli("train", "--no-progress", *args, env=env)
     _, stderr = proc.communicate(timeout=120)
@@ -161,6 +163,19 @@ def test_a_bad_uri_is_one_line_and_exit_2_before_ray_starts(s3_env, tmp_path, ar
     assert stderr.count("\n") == 1 and stderr.startswith("distrib: error: ") and message in stderr, stderr
     assert "AWS_SECRET_ACCESS_KEY=" not in stderr and "testing" not in stderr  # no secret in a message
     assert time.monotonic() - started < 20  # a local Ray start alone takes longer than the check
+
+
+def test_gcs_credentials_are_found_where_googles_default_chain_looks(tmp_path, monkeypatch):
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    assert not storage._gcs_credentials_found()
+    (tmp_path / "gcloud").mkdir()
+    (tmp_path / "gcloud" / "application_default_credentials.json").write_text("{}")  # what gcloud login writes
+    assert storage._gcs_credentials_found()
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "key.json"))
+    assert storage._gcs_credentials_found()
 
 
 # ---- a training run on S3: killed, resumed from the URI, bit-identical ---------------------------
