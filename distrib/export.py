@@ -3,8 +3,8 @@
     distrib export RUN_DIR [--out model.pth]       # plain resnet18 state_dict + model.json beside it
     distrib evaluate RUN_DIR_OR_MODEL --data DIR    # loss, top-1, top-5 on an ImageFolder
 
-RUN_DIR may be an object-storage URI (storage.py); the exported files are always local
-(default ./model.pth for a URI).
+RUN_DIR and --out may be object-storage URIs (storage.py); without --out the exported files
+are local (./model.pth for a URI RUN_DIR).
 
 The exported file loads with plain torchvision, and `weights:` takes it:
 
@@ -31,6 +31,7 @@ from distrib import checkpoint, evaluation, storage
 from distrib.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from distrib.errors import ConfigError
 from distrib.metrics import EvalMetrics, combine_evals
+from distrib.storage import RemotePath
 
 
 def from_run(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -50,13 +51,21 @@ def from_run(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {name: tensor.contiguous() for name, tensor in state.items()}, meta
 
 
-def export(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def export(run_dir: str | Path, out: str | Path | None = None) -> Path | RemotePath:
     """Write the run's newest valid weights as a plain resnet18 state_dict at `out` (default
     RUN_DIR/model.pth; ./model.pth for a URI), with its metadata at the same path ending in .json.
-    Both files appear whole or not at all, and are local."""
-    if out is not None and storage.is_uri(str(out)):
-        raise ConfigError(f"--out: {str(out)!r} is a URI; give a local path (the model is written here)")
+    `out` may be a URI: both are then uploaded, each object whole. Either way both appear whole
+    or not at all."""
+    target = storage.locate(str(out), what="--out") if out is not None and storage.is_uri(str(out)) else None
+    if target is not None:
+        storage.check_writable(str(out), what="--out")
     state, meta = from_run(run_dir)
+    if target is not None:
+        weights = io.BytesIO()
+        torch.save(state, weights)
+        storage.write_whole(target, [weights.getvalue()])
+        storage.write_whole(target.with_suffix(".json"), [json.dumps(meta, indent=2).encode() + b"\n"])
+        return target
     if out is None:
         out = Path("model.pth") if storage.is_uri(str(run_dir)) else Path(run_dir) / "model.pth"
     out = Path(out)

@@ -11,13 +11,15 @@ Every plot marks each event in events.jsonl (heal, restart, shrink, grow) with a
 step. OUT is RUN_DIR/report for one run, ./report for several. Reads only the files the
 driver wrote (see rundir.py), so it works on a run still going or one that was killed:
 no torch, no Ray, and matplotlib only once the plots are drawn. A RUN_DIR may be an
-object-storage URI (storage.py; metrics as of the driver's last upload); OUT is always
-local (./report for a URI).
+object-storage URI (storage.py; metrics as of the driver's last upload), and so may OUT
+(the PNGs are drawn in a scratch folder, then uploaded); without --out, a URI's report goes
+to ./report.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,17 +45,26 @@ class Run:
     """summary.json; None when the run has not finished."""
 
 
-def report(run_dirs: list[str], out: str | None = None) -> tuple[str, list[Path]]:
+def report(run_dirs: list[str], out: str | None = None) -> tuple[str, list[Path | storage.RemotePath]]:
     """The text summary of `run_dirs` and the PNGs written to `out` (see the module docstring).
     ConfigError, before anything is written, for a directory that holds no run."""
     paths = [storage.locate(d, what="RUN_DIR") for d in run_dirs]
     runs = [_load(path, name) for path, name in zip(paths, _names(paths))]
+    text = "\n".join(format_run(run) for run in runs)
+    if out and storage.is_uri(out):  # drawn in a scratch folder, then each PNG uploaded
+        storage.check_writable(out, what="--out")
+        target, uploaded = storage.locate(out, what="--out"), []
+        with tempfile.TemporaryDirectory(prefix="distrib-report-") as scratch:
+            for png in write_plots(runs, Path(scratch)):
+                storage.write_whole(target / png.name, [png.read_bytes()])
+                uploaded.append(target / png.name)
+        return text, uploaded
     local = len(paths) == 1 and isinstance(paths[0], Path)
     out_dir = Path(out) if out else (paths[0] / "report" if local else Path("report"))
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} is a file; give a folder for the plots")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return "\n".join(format_run(run) for run in runs), write_plots(runs, out_dir)
+    return text, write_plots(runs, out_dir)
 
 
 def _names(paths: list[Path]) -> list[str]:

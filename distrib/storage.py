@@ -97,6 +97,12 @@ class RemotePath:
     def resolve(self) -> RemotePath:
         return self
 
+    def with_suffix(self, suffix: str) -> RemotePath:
+        """This path with its name's suffix replaced, as pathlib's."""
+        name = self.name
+        renamed = (name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name) + suffix
+        return RemotePath(uri=self.uri[:-len(name)] + renamed, key=self.key[:-len(name)] + renamed, fs=self.fs)
+
     def _type(self) -> pafs.FileType:
         return self.fs.get_file_info(self.key).type
 

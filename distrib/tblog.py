@@ -79,6 +79,7 @@ class TensorBoardLog:
             self._writer.close()
             for file in self._local.iterdir():  # each uploaded whole: the staged copies are done with
                 file.unlink()
+            self._uploaded = {}
             self._writer = self._open(purge_step=None)
 
     def close(self) -> None:
