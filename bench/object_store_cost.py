@@ -111,7 +111,7 @@ def main() -> None:
             checkpoint.write(where, step=ckpt.step, cfg=cfg, payload=ckpt.payload, keep=2)
             print(f"one checkpoint ({len(ckpt.payload) / 1e6:.1f} MB) written to {where.split(':')[0]}: "
                   f"{time.perf_counter() - start:.3f} s, driver CPU {time.process_time() - cpu_start:.3f} s "
-                  "(on S3: upload, read-back sha256, marker)")
+                  "(on S3: upload, read back and compared, marker)")
         start = time.perf_counter()
         run = RunDir.resume(uri, cfg, say=lambda text: None)
         run.close()
