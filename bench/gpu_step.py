@@ -83,10 +83,15 @@ def compare(*, device: str, image_size: int, batch_size: int, precision: str, st
                 segment = orch.train(steps)
                 ours = steps * batch_size / sum(m.wall_s for m in segment)
                 pairs.append((bare, ours))
-                # A call's steps share its wall time: the call holding a pause (a snapshot) stands out.
-                calls = sorted(m.wall_s * steps_per_call for m in segment[::steps_per_call])
-                pause = (f", slowest call over the median {(calls[-1] - calls[len(calls) // 2]) * 1e3:.1f} ms "
-                         f"(a step {1e3 * batch_size / ours:.1f} ms)" if checkpoint_every else "")
+                # A call's steps share its wall time: a call holding a pause stands out. Its first
+                # step says which boundary it follows: a check (check_every) or a snapshot
+                # (checkpoint_every; the first step of a resumed count is 0).
+                calls = sorted((m.wall_s * steps_per_call, m.step) for m in segment[::steps_per_call])
+                median = calls[len(calls) // 2][0]
+                slowest = ", ".join(f"{(t - median) * 1e3:.0f} ms at step {step}" for t, step in calls[::-1][:3])
+                pause = (f", calls of {steps_per_call} steps over the median ({median * 1e3:.0f} ms): {slowest} "
+                         f"(a step {1e3 * batch_size / ours:.1f} ms; checks every {check_every}, "
+                         f"a snapshot every {checkpoint_every})" if checkpoint_every else "")
                 print(f"{image_size} px, batch {batch_size}: bare {bare:9.1f} img/s, distrib {ours:9.1f} img/s, "
                       f"ratio {ours / bare:.3f}{pause}", flush=True)
         return pairs
