@@ -44,7 +44,7 @@ def step_metrics(count: int) -> list[StepMetrics]:
 
 def write_s(tmp: Path, count: int = 2000) -> float:
     """Seconds TensorBoardLog.write takes per step record, over `count` records."""
-    log = TensorBoardLog(tmp / "tb-micro", RunConfig())
+    log = TensorBoardLog(tmp / "tb-micro", RunConfig(), upload_every_s=0.0)  # local: never uploads
     records = step_metrics(count)
     start = time.perf_counter()
     for record in records:

@@ -95,8 +95,9 @@ class RunConfig:
     """Folder data only: how images are decoded. `torchvision`: torchvision.io in the loader
     worker processes (JPEG with libjpeg-turbo, the pixels PIL gives in half the time; PNG, GIF,
     WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, on the
-    GPU: files read on threads, each shard decoded as one batch with nvJPEG and cropped, resized
-    and flipped there, the next batch made while the step trains (distrib/jpeg.py). `auto`:
+    GPU: the loader workers read the files and draw the crops, each shard is decoded as one
+    batch with nvJPEG and cropped, resized (one roi_align) and flipped there, the next batch
+    made while the step trains (distrib/jpeg.py). `auto`:
     torchvision. Either way crops and flips follow the (seed, sample position) contract."""
     val_dir: str = ""
     """An ImageFolder of held-out images with the same classes as data_dir; `` = none."""

@@ -56,9 +56,10 @@ def export(run_dir: str | Path, out: str | Path | None = None) -> Path | RemoteP
     RUN_DIR/model.pth; ./model.pth for a URI), with its metadata at the same path ending in .json.
     `out` may be a URI: both are then uploaded, each object whole. Either way both appear whole
     or not at all."""
-    target = storage.locate(str(out), what="--out") if out is not None and storage.is_uri(str(out)) else None
-    if target is not None:
+    target = None
+    if out is not None and storage.is_uri(str(out)):
         storage.check_writable(str(out), what="--out")
+        target = storage.locate(str(out), what="--out")
     state, meta = from_run(run_dir)
     if target is not None:
         weights = io.BytesIO()

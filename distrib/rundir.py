@@ -69,7 +69,7 @@ class RunDir:
         if self.cfg.tensorboard:
             from distrib.tblog import TensorBoardLog
 
-            self._tensorboard = TensorBoardLog(path / "tb", self.cfg)
+            self._tensorboard = TensorBoardLog(path / "tb", self.cfg, upload_every_s=METRICS_UPLOAD_S)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending_write: Future | None = None
         self._made_dir = False
@@ -144,7 +144,8 @@ class RunDir:
             from distrib.tblog import TensorBoardLog
 
             self._tensorboard.close()
-            self._tensorboard = TensorBoardLog(self.path / "tb", self.cfg, purge_step=step)
+            self._tensorboard = TensorBoardLog(self.path / "tb", self.cfg, upload_every_s=METRICS_UPLOAD_S,
+                                               purge_step=step)
 
     def record_event(self, event: dict) -> None:
         """Append one line to RUN_DIR/events.jsonl (a recovery: ranks, nodes, step, cause, times)."""

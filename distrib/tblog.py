@@ -8,7 +8,7 @@ run's config as text. torch's SummaryWriter (which needs the tensorboard package
 the writing on its own thread; it is imported only when `tensorboard: true`.
 
 On object storage the writer writes to a local staging folder, and the event files go up
-with the metrics: at most every UPLOAD_S, before each checkpoint and at the end. An object
+with the metrics: at most every `upload_every_s`, before each checkpoint and at the end. An object
 cannot be appended to, so the file being written is uploaded whole each time; past
 ROTATE_BYTES the writer starts a new file (TensorBoard reads every file of the folder), so
 an upload stays small however long the run.
@@ -29,20 +29,20 @@ from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.protocol import PHASES
 from distrib.storage import RemotePath
 
-UPLOAD_S = 10.0
-"""Seconds between uploads of the event files on object storage (as the metrics)."""
 ROTATE_BYTES = 4 << 20
 """On object storage, an event file past this size is finished and a new one started."""
 
 
 class TensorBoardLog:
-    def __init__(self, path: Path | RemotePath, cfg: RunConfig, *, purge_step: int | None = None):
+    def __init__(self, path: Path | RemotePath, cfg: RunConfig, *, upload_every_s: float,
+                 purge_step: int | None = None):
         """`purge_step`: the run goes back to that step (a resume, a restart): TensorBoard drops
-        the events of the steps from there on, which are about to be written again."""
+        the events of the steps from there on, which are about to be written again.
+        `upload_every_s`: on object storage, the least time between two uploads of the files."""
         self._remote = path if isinstance(path, RemotePath) else None
         self._local = Path(tempfile.mkdtemp(prefix="distrib-tb-")) if self._remote is not None else path
         self._uploaded: dict[str, int] = {}  # event file name -> bytes uploaded
-        self._uploaded_at = time.monotonic()
+        self._upload_every_s, self._uploaded_at = upload_every_s, time.monotonic()
         self._writer = self._open(purge_step)
         if purge_step is None:  # a run's first writer; Markdown: four spaces make the YAML a code block
             config = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -59,7 +59,7 @@ class TensorBoardLog:
         add("train/images_per_s", metrics.images_per_s, step, walltime=at)
         for phase in (*PHASES, "comm_s"):
             add(f"phase/{phase}", getattr(metrics, phase), step, walltime=at)
-        if self._remote is not None and time.monotonic() - self._uploaded_at >= UPLOAD_S:
+        if self._remote is not None and time.monotonic() - self._uploaded_at >= self._upload_every_s:
             self.upload()
 
     def upload(self, *, rotate: bool = True) -> None:

@@ -254,8 +254,7 @@ def test_tensorboard_files_on_s3_start_anew_past_their_size_and_keep_every_step(
     from distrib.metrics import StepMetrics
 
     monkeypatch.setattr(tblog, "ROTATE_BYTES", 10_000)  # about 20 steps (of ~500 bytes) a file
-    monkeypatch.setattr(tblog, "UPLOAD_S", 0.0)  # an upload after every step
-    log = tblog.TensorBoardLog(storage.locate(run_uri) / "tb", CFG)
+    log = tblog.TensorBoardLog(storage.locate(run_uri) / "tb", CFG, upload_every_s=0.0)  # after every step
     for step in range(60):
         time.sleep(0.065)  # a file per 1.3 s: event file names (which TensorBoard reads in order) hold whole seconds
         log.write(StepMetrics(step=step, finished_at=1e9 + step, loss=1.0 / (step + 1), lr=0.1, images_per_s=1.0,
