@@ -10,6 +10,7 @@ prints both losses.
 
     python bench/gpu_step.py [--rounds 4] [--only 64] [--json results.json]
     python bench/gpu_step.py --defaults               # with configs/gpu.yaml's checks and snapshots
+    python bench/gpu_step.py --compile --only 224     # both sides torch.compile'd (compile: true)
     python bench/gpu_step.py --device cpu --quick     # a smoke run of the script itself
 
 Targets: 224 px / batch 256: distrib / bare >= 0.98; 64 px / batch 32: >= 0.95.
@@ -31,13 +32,16 @@ from distrib import Orchestrator, RunConfig, config
 from distrib.tutorial import seed_step
 
 
-def bare_loop(*, device: str, image_size: int, batch_size: int, precision: str, warmup: int, steps: int) -> float:
-    """images/s of the loop a user would write by hand with the same settings."""
+def bare_loop(*, device: str, image_size: int, batch_size: int, precision: str, warmup: int, steps: int,
+              compile: bool = False) -> float:
+    """images/s of the loop a user would write by hand with the same settings (`compile`: the
+    model torch.compile'd, compiled in the warm-up)."""
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     fmt = torch.channels_last
     model = torchvision.models.resnet18().to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile else model
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     for i in range(warmup + steps):
@@ -49,21 +53,22 @@ def bare_loop(*, device: str, image_size: int, batch_size: int, precision: str, 
         images = images.contiguous(memory_format=fmt)
         labels = torch.randint(0, 1000, (batch_size,), generator=gen, device=device)
         with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
-            outputs = model(images)
+            outputs = forward(images)
         loss = torch.nn.functional.cross_entropy(outputs.float(), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     loss.item()  # waits for the last step
     elapsed = time.perf_counter() - start
-    del model, optimizer
+    del model, forward, optimizer
     if device == "cuda":
         torch.cuda.empty_cache()
     return steps * batch_size / elapsed
 
 
 def compare(*, device: str, image_size: int, batch_size: int, precision: str, steps: int, steps_per_call: int,
-            rounds: int, check_every: int = 0, checkpoint_every: int = 0) -> list[tuple[float, float]]:
+            rounds: int, check_every: int = 0, checkpoint_every: int = 0,
+            compile: bool = False) -> list[tuple[float, float]]:
     """(bare images/s, distrib images/s) per round. One distrib run serves every round, so
     rounds alternate the two without restarts; distrib's figure is the driver's wall time
     for the round's steps (Ray calls included), after a warm-up call."""
@@ -73,13 +78,13 @@ def compare(*, device: str, image_size: int, batch_size: int, precision: str, st
                         steps_per_call=steps_per_call, run_dir=f"{tmp}/run",
                         # 0, 0: time training alone, as the bare loop neither checks nor checkpoints;
                         # --defaults: as configs/gpu.yaml runs, each round holding one snapshot
-                        check_every=check_every, checkpoint_every=checkpoint_every)
+                        check_every=check_every, checkpoint_every=checkpoint_every, compile=compile)
         pairs = []
         with Orchestrator(cfg, progress=False) as orch:
             orch.train(steps_per_call)  # warm-up: cuDNN autotuning, the caching allocator
             for _ in range(rounds):
                 bare = bare_loop(device=device, image_size=image_size, batch_size=batch_size, precision=precision,
-                                 warmup=steps_per_call, steps=steps)
+                                 warmup=steps_per_call, steps=steps, compile=compile)
                 segment = orch.train(steps)
                 ours = steps * batch_size / sum(m.wall_s for m in segment)
                 pairs.append((bare, ours))
@@ -105,6 +110,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script itself")
     parser.add_argument("--defaults", action="store_true",
                         help="distrib as configs/gpu.yaml runs it: its checks and snapshots on, a snapshot per round")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both (compile: true); each round compiles the bare loop anew")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     user = config.load(Path(__file__).resolve().parents[1] / "configs" / "gpu.yaml") if args.defaults else None
@@ -126,16 +133,16 @@ def main() -> None:
             per_call = user.steps_per_call if not quick else 2
             checks = {"check_every": user.check_every if not quick else 2, "checkpoint_every": steps}
         pairs = compare(device=args.device, image_size=image_size, batch_size=batch_size, precision=precision,
-                        steps=steps, steps_per_call=per_call, rounds=args.rounds, **checks)
+                        steps=steps, steps_per_call=per_call, rounds=args.rounds, compile=args.compile, **checks)
         ratios = sorted(ours / bare for bare, ours in pairs)
-        results.append({"gpu": gpu, "defaults": args.defaults, **checks, "image_size": image_size,
-                        "batch_size": batch_size, "precision": precision,
+        results.append({"gpu": gpu, "defaults": args.defaults, "compile": args.compile, **checks,
+                        "image_size": image_size, "batch_size": batch_size, "precision": precision,
                         "channels_last": True, "steps_per_call": per_call, "rounds": pairs,
                         "bare_images_per_s": max(b for b, _ in pairs), "distrib_images_per_s": max(o for _, o in pairs),
                         "best_ratio": max(o for _, o in pairs) / max(b for b, _ in pairs),
                         "median_ratio": ratios[len(ratios) // 2]})
     tutorial = seed_step(seed=0, device=args.device)
-    print(f"\n{gpu}, torch {torch.__version__}, {args.rounds} rounds:")
+    print(f"\n{gpu}, torch {torch.__version__}, {args.rounds} rounds{', compiled' if args.compile else ''}:")
     print("| image px | batch | bare loop img/s (best) | distrib img/s (best) | best / best | median of round ratios |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:

@@ -92,13 +92,14 @@ class RunConfig:
     """Folder data only: `standard` trains on random-resized crops with horizontal flips, each
     seeded by (seed, sample position); `none` resizes and centre-crops, as evaluation does."""
     decoder: Literal["auto", "pil", "torchvision", "nvjpeg"] = "auto"
-    """Folder data only: how images are decoded. `torchvision`: torchvision.io in the loader
-    worker processes (JPEG with libjpeg-turbo, the pixels PIL gives in half the time; PNG, GIF,
-    WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, on the
-    GPU: the loader workers read the files and draw the crops, each shard is decoded as one
-    batch with nvJPEG and cropped, resized (one roi_align) and flipped there, the next batch
-    made while the step trains (distrib/jpeg.py). `auto`:
-    torchvision. Either way crops and flips follow the (seed, sample position) contract."""
+    """Folder data only: how images are decoded. `torchvision` (`auto`): torchvision.io in the
+    loader worker processes (JPEG with libjpeg-turbo, the pixels PIL gives in half the time; PNG,
+    GIF, WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, each
+    shard decoded as one batch with nvJPEG, cropped, resized and flipped on the GPU while the
+    step before trains (distrib/jpeg.py). Crops and flips follow the (seed, sample position) contract."""
+    cpu_decode_fraction: float = 0.0
+    """decoder: nvjpeg only: the loader workers decode this fraction of the images (picked by
+    sample position) with libjpeg-turbo, sharing the work with the GPU's decoder."""
     val_dir: str = ""
     """An ImageFolder of held-out images with the same classes as data_dir; `` = none."""
     val_fraction: float = 0.0
@@ -145,22 +146,19 @@ class RunConfig:
     checkpoint_every: int = 100
     """Snapshot the run every this many steps: kept in the driver's memory for recovery and
     written to RUN_DIR/checkpoints for --resume; 0 = never (recovery then restarts at step 0).
-    A snapshot follows a consistency check (a host synchronisation on every replica) and
-    costs rank 0's step stream one copy of its state (~90 MB); serialising it and writing
-    the file happen beside the steps: on a GPU still space them by seconds of training."""
+    One follows a consistency check and costs rank 0's step stream one copy of its state (~90 MB);
+    it is serialised and written beside the steps. On a GPU space them by seconds of training."""
     keep_checkpoints: int = 2
     """Checkpoint files kept on disk (the newest ones)."""
     tensorboard: bool = False
-    """Write TensorBoard event files to RUN_DIR/tb (from the driver): per step loss, learning
-    rate, images/s and phase times; per evaluation loss, top-1 and top-5; the config as text."""
+    """Write TensorBoard event files to RUN_DIR/tb (from the driver): per step loss, lr, images/s
+    and phase times; per evaluation loss, top-1 and top-5; the config as text."""
     prometheus: bool = True
-    """Publish the run's figures (step time, images/s, loss, eval top-1, per-rank phase times,
-    recoveries, checks passed) as Prometheus metrics on Ray's own metrics endpoint, labelled
-    with the run's name and the rank (ray.util.metrics; distrib/prom.py)."""
+    """Publish the run's figures (step time, images/s, loss, eval top-1, per-rank phases, recoveries, checks)
+    as Prometheus metrics on Ray's metrics endpoint, labelled by run and rank (ray.util.metrics; distrib/prom.py)."""
     straggler_fraction: float = 0.25
-    """Name a rank (one line) whose time before its first collective of a step (loading its
-    batch, and forward unless batchnorm: sync) exceeds the fastest rank's by more than this
-    fraction of the step, over the last STRAGGLER_WINDOW steps; 0 = never."""
+    """Name a rank (one line) whose time to its first collective of a step (its batch; forward too unless
+    batchnorm: sync) exceeds the fastest rank's by this fraction of the step over STRAGGLER_WINDOW steps; 0 = off."""
     max_restarts: int = 3
     """Recoveries (heals and restarts) after a lost, stalled or failed replica before giving up."""
     recovery: Literal["heal", "restart"] = "heal"
@@ -176,8 +174,8 @@ class RunConfig:
     spare, and the cluster cannot place a fresh actor), go on with the survivors down to this
     many ranks, at the same global batch (each survivor takes over lost ranks' logical shards,
     accumulating their gradients), and grow back to num_workers as soon as the replacement
-    starts. 0 = num_workers: never shrink (a heal waits start_timeout_s, then restarts).
-    Heals run on gloo only (an NCCL run restarts), so on NCCL this has no effect."""
+    starts. 0 = num_workers: never shrink (a heal waits start_timeout_s, then restarts). No
+    effect on NCCL, where a run restarts instead of healing."""
     elastic_wait_s: float = 30.0
     """How long a heal waits for a replacement before it shrinks the group (min_workers)."""
     stall_timeout_s: float = 3.0
@@ -199,9 +197,9 @@ class RunConfig:
     hang_timeout_min_s: float = 30.0
     """Floor of the derived hang limit (steps vary: a check, a checkpoint, a slow batch)."""
     stop_grace_s: float = 20.0
-    """On SIGTERM or SIGINT, the longest the driver waits for the steps in flight and the
-    checkpoint at their boundary; past it, the run stops with the newest checkpoint it has.
-    Keep it below the platform's own grace (Kubernetes: 30 s by default)."""
+    """On SIGTERM or SIGINT, the longest the driver waits for the steps in flight and the checkpoint
+    at their boundary, then it stops with the newest checkpoint it has. Keep it below the
+    platform's own grace (Kubernetes: 30 s by default)."""
 
     def __post_init__(self) -> None:
         _check_ranges(self)
@@ -254,6 +252,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     _check_evaluation(cfg)
     _rule(cfg.decoder != "nvjpeg" or cfg.device != "cpu", "decoder", cfg.decoder,
           "nvjpeg decodes on a GPU; use device: cuda (or auto on a GPU cluster), or decoder: torchvision")
+    _rule(0 <= cfg.cpu_decode_fraction <= 1 and (cfg.decoder == "nvjpeg" or not cfg.cpu_decode_fraction),
+          "cpu_decode_fraction", cfg.cpu_decode_fraction, "must be in [0, 1], and above 0 only with decoder: nvjpeg")
     _rule(cfg.loader_workers == "auto" or cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers,
           "must be >= 0, or auto")
     weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))
