@@ -1,34 +1,33 @@
 #!/usr/bin/env bash
 # The GPU checks and figures for a one-GPU machine with a short lease, in two parts that each
-# fit one device call (about 5 minutes each; run them back to back on the warm machine):
-#   data: the GPU tests of the JPEG path, then bench/gpu_data.py for nvjpeg at a few
-#         cpu_decode_fraction values against synthetic data;
-#   step: bench/gpu_step.py --defaults (configs/gpu.yaml's checks and snapshots against a bare
-#         loop, with the slowest calls and the step each follows), then --compile at 224 px.
+# fit one device call (3-5 minutes each; run them back to back on the warm machine):
+#   data: the GPU tests of the JPEG path, then bench/gpu_data.py (nvjpeg against synthetic data);
+#   step: the GPU tests of snapshots, bench/gpu_step.py --defaults over two rounds (configs/gpu.yaml's
+#         checks and snapshots against a bare loop; the slowest calls and the step each follows,
+#         so the first snapshot and a later one), then --compile at 224 px.
 # Measured in earlier sessions and left out to fit the lease:
-#   python -m pytest -m gpu tests/test_gpu.py tests/test_checkpoint.py tests/test_syncbn.py
+#   python -m pytest -m gpu tests/test_gpu.py tests/test_syncbn.py
 #   python bench/gpu_data.py --decoders torchvision,pil       # the CPU decoders, plain DataLoader
 #   python bench/gpu_data_overlap.py                         # what each stage takes from a step
 #   python bench/syncbn.py --device cuda --gpus-per-worker 0.25 --image-size 224 --batch-size 256 --only time
-# Usage, from the project's root: bench/gpu_checks.sh OUT_DIR [data|step|all] [pytest -k expression]
+# Usage, from the project's root: bench/gpu_checks.sh OUT_DIR [data|step|all]
 # Each part has its own time limit, and the log is written as it goes, so a part that
 # runs over still leaves the others' figures.
 set -uo pipefail
-out="${1:?usage: bench/gpu_checks.sh OUT_DIR [data|step|all] [pytest -k expression]}"
+out="${1:?usage: bench/gpu_checks.sh OUT_DIR [data|step|all]}"
 part="${2:-all}"
-select="${3:-nvjpeg}"
 mkdir -p "$out"
 log="$out/log-$part"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 quiet() { grep -v "Warning\|warn(" | tee -a "$log"; }
 { nvidia-smi -L; python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"; } 2>&1 | tee "$log"
 if [[ $part == data || $part == all ]]; then
-    timeout 120 python -m pytest -q -p no:cacheprovider -m gpu -k "$select" \
-        tests/test_gpu.py tests/test_jpeg.py 2>&1 | tail -30 | tee -a "$log"
-    timeout 250 python bench/gpu_data.py --rounds 2 --decoders nvjpeg --cpu-fractions 0,0.35,0.5 \
-        --json "$out/gpu_data.json" 2>&1 | quiet
+    timeout 120 python -m pytest -q -p no:cacheprovider -m gpu -k nvjpeg tests/test_gpu.py tests/test_jpeg.py 2>&1 \
+        | tail -30 | tee -a "$log"
+    timeout 200 python bench/gpu_data.py --rounds 2 --decoders nvjpeg --json "$out/gpu_data.json" 2>&1 | quiet
 fi
 if [[ $part == step || $part == all ]]; then
-    timeout 130 python bench/gpu_step.py --defaults --rounds 1 --json "$out/gpu_step.json" 2>&1 | quiet
+    timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint.py 2>&1 | tail -20 | tee -a "$log"
+    timeout 220 python bench/gpu_step.py --defaults --rounds 2 --json "$out/gpu_step.json" 2>&1 | quiet
     timeout 180 python bench/gpu_step.py --compile --only 224 --rounds 1 --json "$out/gpu_compile.json" 2>&1 | quiet
 fi

@@ -8,13 +8,12 @@ ImageNet-like sizes (375-500 px a side) and saved as JPEG quality 90, made by th
   `--loader-workers` DataLoader processes; pil is the plain torchvision ImageFolder +
   DataLoader reference), and on cuda `decoder: nvjpeg` (distrib/jpeg.py), with the time of
   its stages (a loader process's reads and crop draws, the batched decode, the canvas and
-  roi_align) for one batch; nvjpeg once per `--cpu-fractions` value (cpu_decode_fraction: the
-  loader processes decode that fraction of the images);
+  roi_align) for one batch;
 - training: one replica per decoder and one on synthetic data, each warmed up (so loader
   queues filled during warm-up are drained), then timed over `--rounds` segments; images/s
   from the driver's wall time.
 
-    python bench/gpu_data.py [--images 4096] [--rounds 2] [--cpu-fractions 0,0.3] [--json out.json]
+    python bench/gpu_data.py [--images 4096] [--rounds 2] [--json out.json]
     python bench/gpu_data.py --device cpu --image-size 64 --batch 32 --skip-training   # the CPU path
     python bench/gpu_data.py --device cpu --quick     # a smoke run of the script itself
 
@@ -40,7 +39,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distrib import Orchestrator, RunConfig  # noqa: E402
 from distrib.data import ShardSource  # noqa: E402
-from distrib.jpeg import JpegShardSource, _decode, _EncodedSteps  # noqa: E402
+from distrib.jpeg import JpegShardSource, _decode  # noqa: E402
 from tests.photos import write_photos  # noqa: E402
 
 CHUNK = 64
@@ -108,18 +107,13 @@ def plain_rate(folder: Path, *, image_size: int, batch_size: int, workers: int, 
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def nvjpeg_stages(source: JpegShardSource, device: torch.device, fraction: float, repeats: int = 3) -> dict:
+def nvjpeg_stages(source: JpegShardSource, device: torch.device, repeats: int = 3) -> dict:
     """Milliseconds per batch of the nvjpeg path's stages, run one after another (best of `repeats`):
-    a loader process's item (file reads, frame headers, crop draws) made here on one core, also
-    with `fraction` of its images decoded there; the batched decode, the crops onto the canvas and
-    roi_align, and decode-to-batch as the replica runs it."""
+    a loader process's item (file reads, frame headers, crop draws) made here on one core, the
+    batched decode, the crops onto the canvas and roi_align, and decode-to-batch as the replica runs it."""
     best: dict[str, float] = {}
-    split = _EncodedSteps(source._dataset._cfg.replace(cpu_decode_fraction=fraction), source._dataset._samples, 0)
     for _ in range(repeats):
         times = {}
-        start = time.perf_counter()
-        split[0]
-        times[f"loader_item_cpu_{fraction:g}_one_core_ms"] = time.perf_counter() - start
         start = time.perf_counter()
         batch = source._dataset[0]
         times["loader_item_one_core_ms"] = time.perf_counter() - start
@@ -151,8 +145,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script itself")
     parser.add_argument("--skip-training", action="store_true", help="the pipeline alone")
     parser.add_argument("--decoders", help="a comma-separated subset of torchvision,pil,nvjpeg (default: all)")
-    parser.add_argument("--cpu-fractions", default="0,0.3",
-                        help="nvjpeg's cpu_decode_fraction values to measure, comma-separated")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     image_size, batch, steps, sizes = args.image_size, args.batch, 100, (375, 500)
@@ -165,7 +157,6 @@ def main() -> None:
                      "loader_workers": args.loader_workers}
     decoders = ["torchvision", "pil"] + (["nvjpeg"] if args.device == "cuda" else [])
     decoders = [d for d in decoders if args.decoders is None or d in args.decoders.split(",")]
-    fractions = [float(f) for f in args.cpu_fractions.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         folder = make_folder(Path(tmp) / "jpegs", images, sizes)
@@ -174,13 +165,13 @@ def main() -> None:
         base = RunConfig(num_workers=1, device=args.device, data="folder", data_dir=str(folder), num_classes=2,
                          batch_size_per_worker=batch, image_size=image_size, steps=10_000,
                          loader_workers=args.loader_workers)
-        variants = dict(variant for decoder in decoders for variant in decoder_variants(base, decoder, fractions))
         alone = {}
-        for kind, cfg in variants.items():
-            source = (JpegShardSource if cfg.decoder == "nvjpeg" else ShardSource)(cfg, shard=0, device=device)
+        for decoder in decoders:
+            cfg = base.replace(decoder=decoder)
+            source = (JpegShardSource if decoder == "nvjpeg" else ShardSource)(cfg, shard=0, device=device)
             warmup = 2 * args.loader_workers + 2  # every loader process has made a batch or two
-            alone[kind] = pipeline_rate(source, steps=max(4, steps // 4), batch_size=batch, device=device,
-                                        warmup=warmup)
+            alone[decoder] = pipeline_rate(source, steps=max(4, steps // 4), batch_size=batch, device=device,
+                                           warmup=warmup)
         if "torchvision" in decoders:
             alone[PLAIN] = plain_rate(
                 folder, image_size=image_size, batch_size=batch, workers=args.loader_workers,
@@ -192,40 +183,31 @@ def main() -> None:
               flush=True)
         if "nvjpeg" in decoders or args.quick:  # the stages run on the cpu too (libjpeg-turbo), to check the script
             source = JpegShardSource(base.replace(decoder="nvjpeg", device="cuda"), shard=0, device=device)
-            results["nvjpeg_stages_ms"] = nvjpeg_stages(source, device, max(fractions + [0.5]))
+            results["nvjpeg_stages_ms"] = nvjpeg_stages(source, device)
             source.close()
             print("nvjpeg stages per batch: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                           results["nvjpeg_stages_ms"].items()), flush=True)
         if not args.skip_training:
-            results["training"] = train_rounds(args, base, variants={k: c for k, c in variants.items()
-                                                                     if c.decoder != "pil"}, steps=steps, tmp=tmp)
+            results["training"] = train_rounds(args, base, decoders=[d for d in decoders if d != "pil"],
+                                               steps=steps, tmp=tmp)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
-def decoder_variants(base: RunConfig, decoder: str, fractions: list[float]) -> list[tuple[str, RunConfig]]:
-    """(name, config) of each way `decoder` is measured: nvjpeg once per cpu_decode_fraction."""
-    if decoder != "nvjpeg":
-        return [(decoder, base.replace(decoder=decoder))]
-    return [(f"nvjpeg, cpu {f:g}" if f else "nvjpeg", base.replace(decoder=decoder, cpu_decode_fraction=f))
-            for f in fractions]
-
-
-def train_rounds(args, base: RunConfig, *, variants: dict[str, RunConfig], steps: int, tmp: str) -> dict:
-    """images/s of training on synthetic data and with each decoder variant: each run warmed up,
-    then `rounds` timed segments."""
+def train_rounds(args, base: RunConfig, *, decoders: list[str], steps: int, tmp: str) -> dict:
+    """images/s of training on synthetic data and with each decoder: each run warmed up, then
+    `rounds` timed segments."""
     ray.init(include_dashboard=False, logging_level="WARNING")
     cuda = args.device == "cuda"
     per_call = 10 if not args.quick else 2
     common = dict(channels_last=True, steps_per_call=per_call, check_every=0, checkpoint_every=0,
                   cpus_per_worker=float(os.cpu_count() or 2) if cuda else 1.0)
     kinds = [("synthetic", base.replace(data="synthetic", **common))]
-    kinds += [(kind, cfg.replace(**common)) for kind, cfg in variants.items()]
+    kinds += [(decoder, base.replace(decoder=decoder, **common)) for decoder in decoders]
     rates: dict[str, list[float]] = {}
     try:
         for kind, cfg in kinds:
-            run_dir = f"{tmp}/{kind.replace(' ', '-').replace(',', '')}"
-            with Orchestrator(cfg.replace(run_dir=run_dir), progress=False) as orch:
+            with Orchestrator(cfg.replace(run_dir=f"{tmp}/{kind.replace(' ', '-')}"), progress=False) as orch:
                 # warm-up: cuDNN autotuning, the caching allocator, and loader queues drained
                 orch.train(per_call * max(4, 2 * args.loader_workers // per_call + 2))
                 for _ in range(args.rounds):
@@ -236,11 +218,11 @@ def train_rounds(args, base: RunConfig, *, variants: dict[str, RunConfig], steps
     finally:
         ray.shutdown()
     synthetic = max(rates["synthetic"])
-    summary = {"rates": rates, "over_synthetic": {d: max(rates[d]) / synthetic for d in variants}}
+    summary = {"rates": rates, "over_synthetic": {d: max(rates[d]) / synthetic for d in decoders}}
     print(f"| data | img/s (best of {args.rounds}) | / synthetic |\n| --- | --- | --- |\n"
           f"| synthetic | {synthetic:.0f} | 1 |\n" +
           "\n".join(f"| JPEG, decoder: {d} | {max(rates[d]):.0f} | {summary['over_synthetic'][d]:.3f} |"
-                    for d in variants), flush=True)
+                    for d in decoders), flush=True)
     return summary
 
 

@@ -97,9 +97,6 @@ class RunConfig:
     GIF, WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, each
     shard decoded as one batch with nvJPEG, cropped, resized and flipped on the GPU while the
     step before trains (distrib/jpeg.py). Crops and flips follow the (seed, sample position) contract."""
-    cpu_decode_fraction: float = 0.0
-    """decoder: nvjpeg only: the loader workers decode this fraction of the images (picked by
-    sample position) with libjpeg-turbo, sharing the work with the GPU's decoder."""
     val_dir: str = ""
     """An ImageFolder of held-out images with the same classes as data_dir; `` = none."""
     val_fraction: float = 0.0
@@ -252,8 +249,6 @@ def _check_ranges(cfg: RunConfig) -> None:
     _check_evaluation(cfg)
     _rule(cfg.decoder != "nvjpeg" or cfg.device != "cpu", "decoder", cfg.decoder,
           "nvjpeg decodes on a GPU; use device: cuda (or auto on a GPU cluster), or decoder: torchvision")
-    _rule(0 <= cfg.cpu_decode_fraction <= 1 and (cfg.decoder == "nvjpeg" or not cfg.cpu_decode_fraction),
-          "cpu_decode_fraction", cfg.cpu_decode_fraction, "must be in [0, 1], and above 0 only with decoder: nvjpeg")
     _rule(cfg.loader_workers == "auto" or cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers,
           "must be >= 0, or auto")
     weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))

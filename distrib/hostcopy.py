@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -23,9 +24,27 @@ class HostSnapshots:
         self._device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._buffers: list[torch.Tensor] = []
+        self._allocating: threading.Thread | None = None
         # A plain daemon thread per snapshot (they are rare), not an executor: an executor's
         # clean-up runs as Ray's SIGTERM tears the actor down and prints a traceback there.
         self._pending: tuple[threading.Thread, dict] | None = None
+
+    def prepare(self, state_of: Callable[[], dict]) -> None:
+        """Allocate the host buffers for snapshots of the shapes of `state_of()` on a thread, unless
+        there are some: on a GPU, pinning ~90 MB takes tens of milliseconds, which `begin` would
+        otherwise spend on the step thread while the GPU's queue of kernels runs dry."""
+        if self._stream is None or self._buffers or self._allocating is not None:
+            return
+        tensors = []
+        map_tensors(state_of(), tensors.append)
+        specs = [(t.shape, t.stride(), t.dtype) for t in tensors]
+        self._allocating = threading.Thread(target=self._allocate, args=(specs,), name="snapshot-buffers",
+                                            daemon=True)
+        self._allocating.start()
+
+    def _allocate(self, specs: list) -> None:
+        self._buffers = [torch.empty_strided(shape, stride, dtype=dtype, pin_memory=self._stream is not None)
+                         for shape, stride, dtype in specs]
 
     def begin(self, state: dict) -> None:
         """Copy `state` (a tree of dicts, lists and tensors, as state_dict() gives) to host
@@ -33,12 +52,12 @@ class HostSnapshots:
         after the copy, so the tensors may be changed at once."""
         if self._pending is not None:
             self._pending[0].join()  # its buffers are about to be overwritten
+        if self._allocating is not None:
+            self._allocating.join()
         tensors = []
         map_tensors(state, tensors.append)
         if [(t.shape, t.dtype, t.stride()) for t in tensors] != [(b.shape, b.dtype, b.stride()) for b in self._buffers]:
-            pin = self._stream is not None
-            self._buffers = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=pin)
-                             for t in tensors]
+            self._allocate([(t.shape, t.stride(), t.dtype) for t in tensors])
         copied = None
         if self._stream is None:
             for buffer, tensor in zip(self._buffers, tensors):

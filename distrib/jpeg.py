@@ -8,10 +8,8 @@ by where it is cheapest:
   take each image's size from its JPEG frame header, draw its crop and flip; a step's
   shard crosses to the replica as one byte buffer with offsets, boxes and flips;
 - the replica decodes the shard in one `torchvision.io.decode_jpeg` call on its device
-  (nvJPEG's batched decode on cuda, on the JPEG engines of an A100 or later; libjpeg-turbo
-  on cpu), except for a `cpu_decode_fraction` of the images that the loader processes decode
-  with libjpeg-turbo and hand over as their crops' pixels (the engines and the loader's cores
-  then share the decoding); it gathers the crops onto one
+  (nvJPEG's batched decode on cuda, which torchvision runs on the hardware JPEG engines of an
+  A100 or later for baseline JPEGs; libjpeg-turbo on cpu), gathers the crops onto one
   canvas, and resizes all of them in one `torchvision.ops.roi_align` call: output pixels
   sit where torchvision's resize puts them, each the mean of bilinear samples over its
   footprint (a box filter where torchvision's antialiasing uses a triangle: within about one
@@ -125,25 +123,13 @@ def jpeg_size(data: bytes, path: str) -> tuple[int, int]:
     raise ValueError(f"{path} cannot be decoded (no JPEG frame header with a size); remove or re-encode it")
 
 
-def decoded_by_loader(position: int, fraction: float) -> bool:
-    """Whether the loader decodes the sample at `position` (cpu_decode_fraction): a function of
-    the position alone, so the same samples whatever the sharding, spread evenly over any batch
-    (the positions' multiples of the golden ratio, modulo 1, fill [0, 1) evenly)."""
-    return (position * 0.6180339887498949) % 1.0 < fraction
-
-
 class Encoded(NamedTuple):
-    """One step's shard as the loader hands it over. The files the replica decodes: their bytes
-    back to back, where each starts (and the end). The images the loader decoded
-    (`on_loader[k]`): the pixels of their canvas parts, (3, h, w) each, flat and back to back.
-    For every image: the part that goes onto the canvas (top, left, h, w; (0, 0, h, w) of the
-    pixels for the loader's), the crop within that part as an roi_align box (x1, y1, x2, y2,
-    pixel edges), the flips, the classes."""
+    """One step's shard as the loader hands it over: the files' bytes back to back, where each
+    starts (and the end), the part of each image that goes onto the canvas (top, left, h, w),
+    the crop within that part as an roi_align box (x1, y1, x2, y2, pixel edges), the flips, the classes."""
 
     data: torch.Tensor
     offsets: list[int]
-    pixels: torch.Tensor
-    on_loader: list[bool]
     regions: list[tuple[int, int, int, int]]
     boxes: torch.Tensor
     flips: torch.Tensor
@@ -165,13 +151,12 @@ class _EncodedSteps(torch.utils.data.Dataset):
         positions = shard_positions(step=step, shard=self._shard, batch_size_per_worker=cfg.batch_size_per_worker,
                                     global_batch_size=cfg.global_batch_size)
         indices = dataset_indices(positions, seed=cfg.seed, dataset_size=len(self._samples))
-        paths, files, pixels, on_loader, regions, boxes, flips = [], [], [], [], [], [], []
+        paths, files, regions, boxes, flips = [], [], [], [], []
         for index, position in zip(indices, positions):
             path = self._samples[index][0]
             with open(path, "rb") as file:
                 data = file.read()
             height, width = jpeg_size(data, path)
-            on_loader.append(decoded_by_loader(position, cfg.cpu_decode_fraction))
             if cfg.augment == "standard":  # the crop alone goes to the canvas; the box is all of it
                 top, left, h, w, flip = augment_params(seed=cfg.seed, position=position, height=height, width=width)
                 regions.append((top, left, h, w))
@@ -182,21 +167,12 @@ class _EncodedSteps(torch.utils.data.Dataset):
                 boxes.append((left, top, left + w, top + h))
                 flip = False
             paths.append(path)
+            files.append(data)
             flips.append(flip)
-            if on_loader[-1]:  # only the canvas part crosses, and the part is then all of it
-                top, left, h, w = regions[-1]
-                decoded = _decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)], [path], torch.device("cpu"))
-                pixels.append(decoded[0][:, top:top + h, left:left + w].reshape(-1))
-                regions[-1] = (0, 0, h, w)
-            else:
-                files.append(data)
         offsets = [0]
         for data in files:
             offsets.append(offsets[-1] + len(data))
-        empty = torch.empty(0, dtype=torch.uint8)
-        data = torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if files else empty
-        return Encoded(data, offsets,
-                       torch.cat(pixels) if pixels else empty, on_loader, regions,
+        return Encoded(torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8), offsets, regions,
                        torch.tensor(boxes, dtype=torch.float32), torch.tensor(flips),
                        torch.tensor([self._samples[i][1] for i in indices]), paths)
 
@@ -273,7 +249,9 @@ class JpegShardSource:
 
     def decode_and_augment(self, batch: Encoded) -> torch.Tensor:
         """Decode, crop, resize, flip and normalise: (B, 3, S, S) float32 on the device."""
-        decoded = self._decoded(batch)
+        ends = batch.offsets
+        decoded = _decode([batch.data[start:end] for start, end in zip(ends[:-1], ends[1:])], batch.paths,
+                          self._device)
         boxes = batch.boxes.to(self._device, non_blocking=True)
         # One canvas for the parts up to CANVAS_SIDE; a larger one gets its own, so that a few
         # huge photos do not make the whole batch's canvas huge (the result is the same either way).
@@ -286,19 +264,6 @@ class JpegShardSource:
         flips = batch.flips.to(self._device, non_blocking=True).view(-1, 1, 1, 1)
         crops = torch.where(flips, crops.flip(-1), crops)
         return (crops - self._mean).mul_(self._inv_std)
-
-    def _decoded(self, batch: Encoded) -> list[torch.Tensor]:
-        """Every image of the shard as (3, H, W) uint8 on the device, in order: the files decoded
-        here in one call, the loader's pixels copied over in one."""
-        ends = batch.offsets
-        paths = [path for path, loader in zip(batch.paths, batch.on_loader) if not loader]
-        here = iter(_decode([batch.data[start:end] for start, end in zip(ends[:-1], ends[1:])], paths, self._device)
-                    if paths else [])
-        loaders = [region[2:] for region, loader in zip(batch.regions, batch.on_loader) if loader]
-        pixels = batch.pixels.to(self._device, non_blocking=True)
-        sizes = [3 * h * w for h, w in loaders]
-        there = iter(part.view(3, h, w) for part, (h, w) in zip(pixels.split(sizes), loaders))
-        return [next(there) if loader else next(here) for loader in batch.on_loader]
 
     def _crop(self, images: list[torch.Tensor], regions: list[tuple[int, int, int, int]],
               boxes: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,8 @@ class Trainer:
             syncbn.convert(self.model)
         self.model.to(self.device, memory_format=self.memory_format)
         self._set_train_mode()
-        # fused: one kernel for the whole update on a GPU instead of a few per parameter group;
-        # not with fp16's gradient scaler (fp16 steps went NaN in one of two runs with it on an
-        # H200, torch 2.11; never without).
+        # fused: one kernel for the whole update on a GPU instead of a few per parameter group; not
+        # with fp16's gradient scaler (fp16 steps went NaN in one of two runs with it, H200, torch 2.11).
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                                          fused=self.device.type == "cuda" and cfg.precision != "fp16")
@@ -168,6 +167,8 @@ class Trainer:
             self._records(first_step, losses, marks, comm_windows)
             raise
         self.position = Position(self.next_step - 1, "done")
+        if self.world_rank == 0 and self.cfg.checkpoint_every:  # the state's shapes are known after a step
+            self._snapshots.prepare(self._snapshot_state)
         return self._records(first_step, losses, marks, comm_windows)
 
     def records_since(self, step: int) -> list[StepRecord]:
@@ -367,10 +368,11 @@ class Trainer:
     def begin_snapshot(self) -> None:
         """Start a snapshot of the state as of now, costing the step stream one copy
         (hostcopy.py); take_snapshot gives its bytes. Call after fingerprint, as for state()."""
+        self._snapshots.begin(self._snapshot_state())
+
+    def _snapshot_state(self) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        self._snapshots.begin(state)
+        return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
 
     def take_snapshot(self) -> bytes:
         """The torch.save bytes of the snapshot begun last (waits for them); restore() takes them back.

@@ -87,8 +87,9 @@ def test_a_checkpoint_from_another_config_is_refused(tmp_path):
         checkpoint.check_compatible(ckpt, CFG.replace(steps=1))
 
 
+@pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device):
+def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device, prepared):
     import io
 
     import torch
@@ -102,9 +103,17 @@ def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device):
     momentum = weight.view(1024, 1024).t()  # strided, as channels_last weights are
     state = {"model": {"weight": weight}, "optimizer": {"state": {0: {"momentum_buffer": momentum}},
                                                         "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    ahead = []
+    if prepared:  # on a GPU the pinned buffers are allocated on a thread, before the first snapshot
+        snapshots.prepare(lambda: state)
+        if device == "cuda":
+            snapshots._allocating.join()
+            ahead = list(snapshots._buffers)
+            assert len(ahead) == 2 and all(buffer.is_pinned() for buffer in ahead)
     for round_ in range(2):  # the second reuses the first's host buffers
         expected = weight.cpu().clone()
         snapshots.begin(state)
+        assert all(used is made for used, made in zip(snapshots._buffers, ahead))
         weight.mul_(3).add_(1)  # the next step, queued at once
         taken = torch.load(io.BytesIO(snapshots.take()), weights_only=True)
         assert torch.equal(taken["model"]["weight"], expected), round_

@@ -107,9 +107,8 @@ def test_a_killed_replica_on_a_shared_gpu_heals_bit_identical(tmp_path):
 
 
 def test_two_replicas_train_on_jpegs_decoded_by_nvjpeg(tmp_path, photos_folder):
-    # a third of the images decoded by the loader processes, the rest by nvJPEG
     cfg = shared_cfg(tmp_path, "nvjpeg", data="folder", data_dir=str(photos_folder), num_classes=2,
-                     decoder="nvjpeg", cpu_decode_fraction=0.3, checkpoint_every=0)
+                     decoder="nvjpeg", checkpoint_every=0)
     with Orchestrator(cfg, progress=False) as orch:
         metrics = orch.train()
     assert len(metrics) == 6 and all(math.isfinite(m.loss) for m in metrics)
