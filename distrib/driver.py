@@ -167,13 +167,10 @@ class Orchestrator:
 
     # ---- stopping early -----------------------------------------------------------------
     def request_stop(self, reason: str) -> bool:
-        """Ask `train` to stop at the next step boundary: queue no more steps, finish the calls in
-        flight, check the replicas and write a checkpoint there, then return. All of that must fit
-        in cfg.stop_grace_s; past it, `train` raises the ReplicaTimeout of the wait it was in.
-
-        A second request, or one before training began, abandons whatever the driver waits on
-        within half a second: it raises StoppedAtOnce there. Returns whether this request stops
-        gracefully. Safe to call from a signal handler (it only sets flags) or another thread."""
+        """Ask `train` to stop at the next step boundary: finish the calls in flight, check, write a
+        checkpoint there and return, within cfg.stop_grace_s (past it, `train` raises the wait's
+        ReplicaTimeout). A second request, or one before training began, abandons the wait within half
+        a second (StoppedAtOnce). Returns whether this one stops gracefully. Signal-handler safe."""
         return self._stop.request(reason, training=self._training)
 
     @property
@@ -247,9 +244,10 @@ class Orchestrator:
         last_done = time.perf_counter()
         while next_step < end or queue:
             growing = self._group.ready_to_grow()  # a shrunk group grows once the queue is done
-            # Only calls of steps count: a check or snapshot queued between them must not leave
-            # the replicas without steps while the driver waits on it.
-            while next_step < end and sum(c.kind == "steps" for c in queue) < self.cfg.calls_in_flight \
+            # Only calls of steps count: a check or snapshot queued between them must not leave the replicas
+            # without steps while the driver waits on it (a snapshot's bytes: 0.2-0.5 s on a GPU node).
+            depth = self.cfg.calls_in_flight * (2 if queue and queue[0].kind == "checkpoint" else 1)
+            while next_step < end and sum(c.kind == "steps" for c in queue) < depth \
                     and not self._leaving() and not growing:
                 next_step = self._queue(queue, next_step, end)
             if not queue and growing:

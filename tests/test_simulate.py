@@ -46,7 +46,10 @@ def test_sixteen_simulated_replicas_train_with_checks(tmp_path):
             orch.check_consistency()
     steps = [m for m in lines(tmp_path / "run" / "metrics.jsonl") if m["kind"] == "step"]
     assert [m["step"] for m in steps] == list(range(12))
-    assert all(m["step_s"] >= 0.002 for m in steps) and steps[-1]["loss"] < steps[0]["loss"]
+    # A step that overran (the machine busy) leaves the next one less of its sleep: the steps of
+    # a call, not each step, last at least steps_per_call x 2 ms.
+    assert all(a["step_s"] + b["step_s"] >= 0.004 for a, b in zip(steps[::2], steps[1::2]))
+    assert steps[-1]["loss"] < steps[0]["loss"]
 
 
 def test_a_killed_simulated_replica_is_healed(tmp_path):
