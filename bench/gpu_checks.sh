@@ -4,7 +4,8 @@
 #   data: the GPU tests of the JPEG path, then bench/gpu_data.py (nvjpeg against synthetic data);
 #   step: the GPU tests of snapshots, bench/gpu_step.py --defaults over two rounds (configs/gpu.yaml's
 #         checks and snapshots against a bare loop; the slowest calls and the step each follows,
-#         so the first snapshot and a later one), then --compile at 224 px.
+#         so the first snapshot and a later one), bench/snapshot_pause.py at 64 and 224 px (the
+#         time a mid-run snapshot costs), then --compile at 224 px.
 # Measured in earlier sessions and left out to fit the lease:
 #   python -m pytest -m gpu tests/test_gpu.py tests/test_syncbn.py
 #   python bench/gpu_data.py --decoders torchvision,pil       # the CPU decoders, plain DataLoader
@@ -29,5 +30,9 @@ fi
 if [[ $part == step || $part == all ]]; then
     timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint.py 2>&1 | tail -20 | tee -a "$log"
     timeout 220 python bench/gpu_step.py --defaults --rounds 2 --json "$out/gpu_step.json" 2>&1 | quiet
+    for size in "64 --batch 32 --every 100" "224 --batch 256 --every 200"; do  # mid-run snapshots
+        timeout 90 python bench/snapshot_pause.py --device cuda --steps-per-call 10 --window 4 --image-size $size \
+            2>&1 | quiet
+    done
     timeout 180 python bench/gpu_step.py --compile --only 224 --rounds 1 --json "$out/gpu_compile.json" 2>&1 | quiet
 fi
