@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and figures for a one-GPU machine with a short lease, in two parts that each
 # fit one device call (3-5 minutes each; run them back to back on the warm machine):
-#   data: the GPU tests of the JPEG path, then bench/gpu_data.py (nvjpeg against synthetic data);
+#   data: the GPU tests of the JPEG path, bench/gpu_data.py (nvjpeg against synthetic data), then
+#         bench/gpu_data_overlap.py (each stage beside a step, the compiled canvas among them);
 #   step: the GPU tests of snapshots, bench/gpu_step.py --defaults over two rounds (configs/gpu.yaml's
 #         checks and snapshots against a bare loop; the slowest calls and the step each follows,
 #         so the first snapshot and a later one), bench/snapshot_pause.py at 64 and 224 px (the
@@ -9,7 +10,6 @@
 # Measured in earlier sessions and left out to fit the lease:
 #   python -m pytest -m gpu tests/test_gpu.py tests/test_syncbn.py
 #   python bench/gpu_data.py --decoders torchvision,pil       # the CPU decoders, plain DataLoader
-#   python bench/gpu_data_overlap.py                         # what each stage takes from a step
 #   python bench/syncbn.py --device cuda --gpus-per-worker 0.25 --image-size 224 --batch-size 256 --only time
 # Usage, from the project's root: bench/gpu_checks.sh OUT_DIR [data|step|all]
 # Each part has its own time limit, and the log is written as it goes, so a part that
@@ -26,6 +26,7 @@ if [[ $part == data || $part == all ]]; then
     timeout 120 python -m pytest -q -p no:cacheprovider -m gpu -k nvjpeg tests/test_gpu.py tests/test_jpeg.py 2>&1 \
         | tail -30 | tee -a "$log"
     timeout 200 python bench/gpu_data.py --rounds 2 --decoders nvjpeg --json "$out/gpu_data.json" 2>&1 | quiet
+    timeout 120 python bench/gpu_data_overlap.py 2>&1 | quiet   # with the compiled canvas, a candidate
 fi
 if [[ $part == step || $part == all ]]; then
     timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint.py 2>&1 | tail -20 | tee -a "$log"

@@ -4,8 +4,10 @@ pipeline's stages take from a training step that runs beside them on the same GP
 A bare resnet18 loop (bf16, channels_last, 224 px, batch 256, synthetic data) is timed alone,
 then while a second thread runs one stage of the nvjpeg path (distrib/jpeg.py) over and over
 on its own stream, as the replica's prefetch thread does: the whole preparation, the batched
-decode alone, or the canvas and roi_align alone. Each stage's thread CPU time against its wall
-time, alone, tells CPU-bound (or GIL-holding) work from GPU work.
+decode alone, or the canvas and roi_align alone; and, as a candidate not in distrib yet, the
+canvas from jpeg.gather_canvas under torch.compile (one fused kernel, no int64 index in memory)
+then roi_align. Each stage's thread CPU time against its wall time, alone, tells CPU-bound (or
+GIL-holding) work from GPU work.
 
     python bench/gpu_data_overlap.py [--images 1024]
     python bench/gpu_data_overlap.py --device cpu --quick   # a smoke run of the script itself
@@ -22,11 +24,12 @@ from pathlib import Path
 
 import torch
 import torchvision
+from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gpu_data import make_folder  # noqa: E402
 from distrib import RunConfig  # noqa: E402
-from distrib.jpeg import JpegShardSource, _decode  # noqa: E402
+from distrib.jpeg import JpegShardSource, _decode, canvas_inputs, gather_canvas  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -58,12 +61,32 @@ def stages(source: JpegShardSource, items: list, device: torch.device) -> dict:
     """Each stage as a function of the item number (what the background thread repeats)."""
     decoded = [decode(source, item, device) for item in items]
     boxes = [item.boxes.to(device) for item in items]
+    compiled = compiled_crop(source._cfg.image_size, device)
+    eager = source._crop(decoded[0], items[0].regions, boxes[0])
+    fused = compiled(decoded[0], items[0].regions, boxes[0])
+    print(f"compiled canvas: largest difference from distrib's {float((eager - fused).abs().max())}", flush=True)
     return {
         "whole preparation": lambda i: source.decode_and_augment(items[i % len(items)]),
         "batched decode": lambda i: decode(source, items[i % len(items)], device),
         "canvas + roi_align": lambda i: source._crop(decoded[i % len(items)], items[i % len(items)].regions,
                                                      boxes[i % len(items)]),
+        "canvas compiled + roi_align": lambda i: compiled(decoded[i % len(items)], items[i % len(items)].regions,
+                                                          boxes[i % len(items)]),
     }
+
+
+def compiled_crop(image_size: int, device: torch.device):
+    """JpegShardSource._crop with the whole canvas made by gather_canvas under torch.compile
+    (dynamic shapes: each batch's canvas has its own size)."""
+    gather = torch.compile(lambda flat, shapes, h, w: gather_canvas(flat, shapes, h, w).float(), dynamic=True)
+
+    def crop(images: list[torch.Tensor], regions: list, boxes: torch.Tensor) -> torch.Tensor:
+        canvas = gather(*canvas_inputs(images, regions))
+        index = torch.arange(len(images), dtype=boxes.dtype, device=device)[:, None]
+        return roi_align(canvas, torch.cat([index, boxes], dim=1), output_size=(image_size, image_size),
+                         spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+    return crop
 
 
 def decode(source: JpegShardSource, item, device: torch.device) -> list[torch.Tensor]:

@@ -285,25 +285,41 @@ class JpegShardSource:
         Built by a few gathers from the images laid end to end, not by a copy per image: the
         launches of a per-image copy cost the replica's CPU about 40 us an image, and that CPU
         time competes with the training step's own launches."""
-        device = self._device
-        flat = torch.cat([image.reshape(-1) for image in images])
-        starts = [0]
-        for image in images[:-1]:
-            starts.append(starts[-1] + image.numel())
-        shapes = [(start, image.shape[-2], image.shape[-1], *region) for start, image, region in
-                  zip(starts, images, regions)]
-        start, height, width, top, left, h, w = torch.tensor(shapes, device=device).unbind(1)
-        canvas_h, canvas_w = max(region[2] for region in regions) + 1, max(region[3] for region in regions) + 1
-        rows = torch.minimum(torch.arange(canvas_h, device=device), (h - 1)[:, None]) + top[:, None]  # (B, Hc)
-        cols = torch.minimum(torch.arange(canvas_w, device=device), (w - 1)[:, None]) + left[:, None]  # (B, Wc)
-        planes = start[:, None] + torch.arange(3, device=device) * (height * width)[:, None]  # (B, 3)
-        canvas = torch.empty(len(images), 3, canvas_h, canvas_w, device=device)
+        flat, shapes, canvas_h, canvas_w = canvas_inputs(images, regions)
+        canvas = torch.empty(len(images), 3, canvas_h, canvas_w, device=self._device)
         for first in range(0, len(images), CANVAS_CHUNK):  # the int64 index of a chunk: 8 bytes a canvas pixel
-            part = slice(first, first + CANVAS_CHUNK)
-            index = (planes[part, :, None, None] + (rows[part] * width[part, None])[:, None, :, None]
-                     + cols[part, None, None, :])
-            canvas[part] = flat[index]
+            canvas[first:first + CANVAS_CHUNK] = gather_canvas(flat, shapes[first:first + CANVAS_CHUNK],
+                                                               canvas_h, canvas_w)
         return canvas
+
+
+def canvas_inputs(images: list[torch.Tensor], regions: list[tuple[int, int, int, int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """What gather_canvas takes for `images` (each (3, H, W) uint8, on one device) and their
+    canvas regions: the images laid end to end, their shapes, the canvas's height and width."""
+    flat = torch.cat([image.reshape(-1) for image in images])
+    starts = [0]
+    for image in images[:-1]:
+        starts.append(starts[-1] + image.numel())
+    shapes = [(start, image.shape[-2], image.shape[-1], *region) for start, image, region in
+              zip(starts, images, regions)]
+    canvas_h, canvas_w = max(region[2] for region in regions) + 1, max(region[3] for region in regions) + 1
+    return flat, torch.tensor(shapes, device=flat.device), canvas_h, canvas_w
+
+
+def gather_canvas(flat: torch.Tensor, shapes: torch.Tensor, canvas_h: int, canvas_w: int) -> torch.Tensor:
+    """(B, 3, canvas_h, canvas_w) uint8 from `flat`, the (3, H, W) uint8 images laid end to end:
+    row k of `shapes` is image k's (start in flat, H, W, top, left, h, w); slot k holds its region
+    (top, left, h, w), the last row and column repeated to the slot's edges. Tensors only (no
+    Python list or int taken from a tensor), so torch.compile can fuse it, index and all, into
+    one kernel (bench/gpu_data_overlap.py measures that against this eager form)."""
+    start, height, width, top, left, h, w = shapes.unbind(1)
+    device = flat.device
+    rows = torch.minimum(torch.arange(canvas_h, device=device), (h - 1)[:, None]) + top[:, None]  # (B, Hc)
+    cols = torch.minimum(torch.arange(canvas_w, device=device), (w - 1)[:, None]) + left[:, None]  # (B, Wc)
+    planes = start[:, None] + torch.arange(3, device=device) * (height * width)[:, None]  # (B, 3)
+    index = planes[:, :, None, None] + (rows * width[:, None])[:, None, :, None] + cols[:, None, None, :]
+    return flat[index]
 
 
 def _decode(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
