@@ -30,7 +30,7 @@ if [[ $part == data || $part == all ]]; then
 fi
 if [[ $part == step || $part == all ]]; then
     timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_checkpoint.py 2>&1 | tail -20 | tee -a "$log"
-    timeout 220 python bench/gpu_step.py --defaults --rounds 2 --json "$out/gpu_step.json" 2>&1 | quiet
+    timeout 250 python bench/gpu_step.py --defaults --rounds 2 --json "$out/gpu_step.json" 2>&1 | quiet
     for size in "64 --batch 32 --every 100" "224 --batch 256 --every 200"; do  # mid-run snapshots
         timeout 90 python bench/snapshot_pause.py --device cuda --steps-per-call 10 --window 4 --image-size $size \
             2>&1 | quiet

@@ -71,17 +71,22 @@ def compare(*, device: str, image_size: int, batch_size: int, precision: str, st
             compile: bool = False) -> list[tuple[float, float]]:
     """(bare images/s, distrib images/s) per round. One distrib run serves every round, so
     rounds alternate the two without restarts; distrib's figure is the driver's wall time
-    for the round's steps (Ray calls included), after a warm-up call."""
+    for the round's steps (Ray calls included), after a warm-up call. With snapshots the warm-up
+    is half a snapshot interval, so each round's snapshot falls mid-round, with steps queued
+    behind it, as in a long run (at a round's end nothing would overlap the driver's hand-over)."""
+    warmup = steps_per_call
+    if checkpoint_every:
+        warmup = max(steps_per_call, checkpoint_every // 2 // steps_per_call * steps_per_call)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(num_workers=1, device=device, batch_size_per_worker=batch_size, image_size=image_size,
-                        precision=precision, channels_last=True, steps=steps_per_call + rounds * steps,
+                        precision=precision, channels_last=True, steps=warmup + rounds * steps,
                         steps_per_call=steps_per_call, run_dir=f"{tmp}/run",
                         # 0, 0: time training alone, as the bare loop neither checks nor checkpoints;
                         # --defaults: as configs/gpu.yaml runs, each round holding one snapshot
                         check_every=check_every, checkpoint_every=checkpoint_every, compile=compile)
         pairs = []
         with Orchestrator(cfg, progress=False) as orch:
-            orch.train(steps_per_call)  # warm-up: cuDNN autotuning, the caching allocator
+            orch.train(warmup)  # cuDNN autotuning, the caching allocator
             for _ in range(rounds):
                 bare = bare_loop(device=device, image_size=image_size, batch_size=batch_size, precision=precision,
                                  warmup=steps_per_call, steps=steps, compile=compile)
