@@ -32,6 +32,13 @@ def boundary_calls(cfg: RunConfig, steps_done: int) -> list[BoundaryCall]:
     return calls
 
 
+def averages_buffers(cfg: RunConfig, steps_done: int) -> bool:
+    """Whether the ranks take the mean of their BatchNorm running statistics as their own when
+    observed after `steps_done` steps (batchnorm: train, see bnstats.py): at the run's own checks
+    and checkpoints only, so that a stop, a read or a heal's check elsewhere changes nothing."""
+    return _at(cfg.checkpoint_every, steps_done) or _at(cfg.check_every, steps_done)
+
+
 def call_length(cfg: RunConfig, first_step: int, end: int) -> int:
     """Steps in the call from `first_step`: steps_per_call, cut so that every call ends on a
     check, checkpoint or evaluation boundary, and at `end`."""

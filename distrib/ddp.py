@@ -16,10 +16,9 @@ def wrap(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
          comm_hook: AllReduceHook) -> DistributedDataParallel:
     """`model` under DDP in the current process group, with `comm_hook` on a CPU or when it
     compresses. Collective (DDP's set-up checks every rank's model)."""
-    # No buffer broadcast at each forward: under `train`, BatchNorm running stats are
-    # averaged over ranks before every fingerprint and state read instead (see
-    # Trainer.sync_buffers), saving a collective per step; under `sync` and `frozen` they are
-    # identical already. Newer torch renamed the switch.
+    # No buffer broadcast at each forward: under `train`, each rank keeps its own BatchNorm
+    # running stats, reconciled where they are observed (bnstats.py), saving a collective per
+    # step; under `sync` and `frozen` they are identical already. Newer torch renamed the switch.
     options = inspect.signature(DistributedDataParallel).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in options else {
         "broadcast_buffers": False}

@@ -31,3 +31,13 @@ def device_checksum(tensor: torch.Tensor) -> torch.Tensor:
     bits = _bits(tensor).to(torch.int64)
     weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
     return (bits * weights).sum()
+
+
+def checksums(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, int]]:
+    """(name, checksum) for each named tensor; tensors on a GPU are summed there, then read in
+    one transfer for all of them."""
+    if named and named[0][1].is_cuda:
+        sums = torch.stack([device_checksum(t) for _, t in named]).tolist()
+    else:
+        sums = [host_checksum(t) for _, t in named]
+    return [(name, value) for (name, _), value in zip(named, sums)]

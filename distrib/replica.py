@@ -67,7 +67,8 @@ class Replica:
         group must be called together."""
         cfg = self._trainer.cfg
         if snapshot is not None:
-            self._trainer.restore(snapshot, step=first_step)
+            self._trainer.restore(snapshot, step=first_step,
+                                  world_rank=world_rank if world_size == cfg.num_workers else None)
         comm.leave_process_group()
         comm.init_process_group(backend=cfg.backend, master_addr=master_addr, master_port=master_port,
                                 world_rank=world_rank, world_size=world_size, timeout_s=cfg.start_timeout_s)

@@ -16,7 +16,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from distrib import allreduce, comm, ddp, digest, evaluation, profiling, syncbn
+from distrib import allreduce, bnstats, cadence, comm, ddp, digest, evaluation, profiling, syncbn
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
@@ -76,6 +76,7 @@ class Trainer:
         self._buffers = [b for b in self.model.buffers()] if cfg.batchnorm != "frozen" else []
         self._buffers_at_step_start = [b.clone() for b in self._buffers]
         self._float_buffers = [b for b in self._buffers if b.is_floating_point()]
+        self._observed: bnstats.Observed | None = None  # under `train`: the last fingerprint's
         self._shard_buffer_sums: list[torch.Tensor] = []
         self.world_rank, self.world_size = -1, 1
         self.ddp_module = self._forward = self.model
@@ -246,7 +247,7 @@ class Trainer:
 
     def _average_shard_buffers(self, num_shards: int) -> None:
         """BatchNorm running statistics: the mean of the shards' updates (see _accumulate), which
-        sync_buffers weighs by the number of shards; the integer counters advanced once."""
+        bnstats.observe weighs by the number of shards; the integer counters advanced once."""
         if self._float_buffers:
             torch._foreach_add_(self._float_buffers, self._shard_buffer_sums)
             torch._foreach_div_(self._float_buffers, float(num_shards))
@@ -303,8 +304,8 @@ class Trainer:
 
     def evaluate(self) -> EvalRecord:
         """Counts over this rank's slice of the held-out set, BatchNorm in eval mode. Collective:
-        under batchnorm: train the running statistics are averaged over ranks for it, and
-        every buffer is put back afterwards, bit for bit, so training goes on as without it."""
+        under batchnorm: train it uses the running statistics' mean over ranks, and every
+        buffer is put back afterwards, bit for bit, so training goes on as without it."""
         with self._collective("evaluate"):
             return self._evaluate()
 
@@ -314,7 +315,7 @@ class Trainer:
                                            device=self.device)
         self.position = Position(self.next_step - 1, "eval")
         saved = [buffer.clone() for buffer in self.model.buffers()]
-        self.sync_buffers()
+        self._observe_buffers(adopt=True)
         self.model.eval()
         try:
             return evaluation.evaluate(self.model, self._held_out.batches(), amp_dtype=self._amp_dtype,
@@ -336,34 +337,27 @@ class Trainer:
         with self._collective("profile"):
             return profiling.measure_overlap(self, step, repeats)
 
-    def sync_buffers(self) -> None:
-        """Under `batchnorm: train`, average floating-point buffers (BatchNorm running stats)
-        over ranks; otherwise nothing. Collective.
+    def _observe_buffers(self, *, adopt: bool) -> bnstats.Observed | None:
+        """Under `batchnorm: train` with 2+ ranks, the ranks' running statistics and their mean (`adopt`:
+        made every rank's own; bnstats.py); else None (under `sync` and `frozen` they agree). Collective."""
+        if self.cfg.batchnorm != "train" or self.world_size == 1 or not self._float_buffers:
+            return None
+        return bnstats.observe(self._float_buffers, step=self.next_step, num_shards=len(self.shards),
+                               num_workers=self.cfg.num_workers, adopt=adopt)
 
-        In train mode each rank's running stats follow its own shard; forward never reads them,
-        so they are reconciled only where they are observed: fingerprints and saved state.
-        Under `sync` every rank updates them from the same global statistics and under
-        `frozen` they never change, so they must already agree bit for bit: averaging would
-        only hide a divergence from the fingerprints.
-        """
-        buffers = [b for b in self.model.buffers() if b.is_floating_point()]
-        if self.cfg.batchnorm != "train" or self.world_size == 1 or not buffers:
-            return
-        flat = torch.cat([b.reshape(-1) for b in buffers])
-        if self.world_size == self.cfg.num_workers:
-            comm.all_reduce_mean_(flat)
-        else:  # shrunk: each rank holds the mean over its shards; weigh it by their number
-            flat.mul_(len(self.shards))
-            comm.all_reduce_mean_(flat)
-            flat.mul_(self.world_size / self.cfg.num_workers)
-        for buffer, averaged in zip(buffers, flat.split([b.numel() for b in buffers])):
-            buffer.copy_(averaged.view_as(buffer))
+    def _observed_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers' mean over ranks as the fingerprint at this step observed it, by name; or {}."""
+        seen = self._observed
+        if seen is None or seen.step != self.next_step:
+            return {}
+        return dict(zip([n for n, b in self.model.named_buffers() if b.is_floating_point()], seen.mean))
 
     def state(self) -> dict:
         """Model and optimizer state dicts, copied to the CPU. Call after fingerprint (which
-        reconciles BatchNorm buffers under `train`) so every rank would give the same answer."""
-        to_cpu = lambda tree: map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa: E731
-        return {"model": to_cpu(self.model.state_dict()), "optimizer": to_cpu(self.optimizer.state_dict())}
+        observes BatchNorm buffers under `train`) so every rank would give the same answer."""
+        state = self._snapshot_state()
+        return map_tensors({"model": state["model"], "optimizer": state["optimizer"]},
+                           lambda t: t.detach().to("cpu", copy=True))
 
     def begin_snapshot(self) -> None:
         """Start a snapshot of the state as of now, costing the step stream one copy
@@ -371,7 +365,12 @@ class Trainer:
         self._snapshots.begin(self._snapshot_state())
 
     def _snapshot_state(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """Model (BatchNorm buffers: as observed at this step), optimizer and scaler state; and
+        every rank's own buffers where the ranks kept them (bnstats.py), for `restore`."""
+        observed = self._observed_buffers()
+        state = {"model": self.model.state_dict() | observed, "optimizer": self.optimizer.state_dict()}
+        if observed and self._observed.own is not None:
+            state["rank_buffers"] = self._observed.own
         return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
 
     def take_snapshot(self) -> bytes:
@@ -384,37 +383,38 @@ class Trainer:
         self.begin_snapshot()
         return self.take_snapshot()
 
-    def restore(self, payload: bytes, *, step: int) -> None:
-        """Load a snapshot taken after `step` steps; the next run_steps starts there."""
+    def restore(self, payload: bytes, *, step: int, world_rank: int | None) -> None:
+        """Load a snapshot taken after `step` steps; the next run_steps starts there. `world_rank`:
+        the rank this replica is about to be in a full-size group (None otherwise), whose own
+        BatchNorm buffers it takes back where the snapshot has them (bnstats.py)."""
         state = torch.load(io.BytesIO(payload), map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
+        bnstats.give_back(self._float_buffers, state.get("rank_buffers"), world_rank)
+        self._observed = None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         self.next_step = step
 
     def named_state_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """Parameters, momentum buffers and module buffers, in a fixed order with names."""
+        """Parameters, momentum buffers and module buffers (as observed at this step), in a fixed
+        order with names."""
         tensors = [(f"param:{n}", p) for n, p in self.model.named_parameters()]
         for name, param in self.model.named_parameters():
             momentum = self.optimizer.state.get(param, {}).get("momentum_buffer")
             if momentum is not None:
                 tensors.append((f"momentum:{name}", momentum))
-        tensors += [(f"buffer:{n}", b) for n, b in self.model.named_buffers()]
+        observed = self._observed_buffers()
+        tensors += [(f"buffer:{n}", observed.get(n, b)) for n, b in self.model.named_buffers()]
         return tensors
 
     def fingerprint(self) -> list[tuple[str, int]]:
-        """(name, checksum of the raw bits) for every state tensor, after sync_buffers (which
-        averages BatchNorm buffers under `train` only). Collective.
+        """(name, checksum of the raw bits) for every state tensor, BatchNorm buffers under
+        `train` as their mean over ranks (bnstats.py). Collective.
 
         Any change confined to one element of up to 4 bytes always changes the checksum
         (see digest.py); several changes cancelling out is vanishingly unlikely.
         """
         with self._collective("fingerprint"):
-            self.sync_buffers()
-        named = self.named_state_tensors()
-        if self.device.type == "cuda":  # on the device, then one transfer for all tensors
-            sums = torch.stack([digest.device_checksum(t) for _, t in named]).tolist()
-        else:
-            sums = [digest.host_checksum(t) for _, t in named]
-        return [(name, value) for (name, _), value in zip(named, sums)]
+            self._observed = self._observe_buffers(adopt=cadence.averages_buffers(self.cfg, self.next_step))
+        return digest.checksums(self.named_state_tensors())

@@ -86,15 +86,16 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     boundary and moves to a spare node before the node goes; then the node is removed."""
     from ray.core.generated import autoscaler_pb2
 
-    # batchnorm: sync, as in test_stop.py: the snapshot falls between two checks. 40 steps: the
-    # drain is polled once a second, and the run must still be going when it is seen.
-    with Orchestrator(node_cfg(tmp_path / "ref", batchnorm="sync", steps=40), progress=False) as orch:
+    # batchnorm: train (the default): the snapshot falls between two checks (check_every 2) one
+    # time in two, and then carries each rank's own running statistics. 40 steps: the drain is
+    # polled once a second, and the run must still be going when it is seen.
+    with Orchestrator(node_cfg(tmp_path / "ref", steps=40), progress=False) as orch:
         orch.train()
         uninterrupted = flat_state(orch.state())
     cluster.add_node(num_cpus=1)  # a third node to move to (SPREAD may also have used it from the start)
     cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
-    with Orchestrator(node_cfg(run_dir, checkpoint_every=100, batchnorm="sync", steps=40), progress=False) as orch:
+    with Orchestrator(node_cfg(run_dir, checkpoint_every=100, steps=40), progress=False) as orch:
         training = Training(orch)
         training.start()
         deadline = time.monotonic() + 120

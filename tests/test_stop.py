@@ -29,12 +29,16 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def stop_cfg(run_dir: Path, **changes) -> RunConfig:
     """Steps long enough (40) that a signal sent after a few of them lands mid-run.
 
-    batchnorm: sync, so that BatchNorm's running statistics are the same on every rank: under
-    `train` a stop between two checks averages them at a step where the uninterrupted run does
-    not, and they then agree only to float32 rounding (see README, "Stopping a run")."""
+    batchnorm: train (the default), where each rank's BatchNorm running statistics are its own
+    between the run's checks: a stop's checkpoint must carry every rank's (bnstats.py)."""
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
-                     steps=40, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0, batchnorm="sync",
+                     steps=40, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0,
                      run_dir=str(run_dir)).replace(**changes)
+
+
+# The signal tests check and checkpoint only where the stop does: the stop then always falls
+# between two of the run's own checks, where the ranks' statistics differ.
+UNCHECKED = {"check_every": 0, "checkpoint_every": 0}
 
 
 def start_cli(cfg: RunConfig, tmp_path: Path) -> subprocess.Popen:
@@ -63,7 +67,7 @@ def steps_in(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tmp_path_factory) -> dict:
-    with Orchestrator(stop_cfg(tmp_path_factory.mktemp("ref") / "run"), progress=False) as orch:
+    with Orchestrator(stop_cfg(tmp_path_factory.mktemp("ref") / "run", **UNCHECKED), progress=False) as orch:
         orch.train()
         return flat_state(orch.state())
 
@@ -71,7 +75,7 @@ def uninterrupted(ray_local, tmp_path_factory) -> dict:
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, uninterrupted, signum, exit_code):
     run_dir = tmp_path / "run"
-    proc = start_cli(stop_cfg(run_dir), tmp_path)
+    proc = start_cli(stop_cfg(run_dir, **UNCHECKED), tmp_path)
     wait_for_steps(run_dir, 6, proc)
     signalled = time.monotonic()
     proc.send_signal(signum)
@@ -89,11 +93,26 @@ def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, uninter
     assert steps_in(run_dir) == list(range(done))  # every step finished, none past the checkpoint
     assert took_s < 30
 
-    with Orchestrator(stop_cfg(run_dir), progress=False, resume_dir=run_dir) as orch:
+    with Orchestrator(stop_cfg(run_dir, **UNCHECKED), progress=False, resume_dir=run_dir) as orch:
         assert orch.step_count == done  # 0 steps redone
         orch.train()
         resumed = flat_state(orch.state())
     assert_bit_identical(resumed, uninterrupted)
+
+
+def test_reading_the_state_between_checks_changes_no_number(tmp_path):
+    """A state read is a check (a fingerprint) and a copy. At a step where the run does not
+    check, it leaves every rank's own BatchNorm statistics as they were: the run ends
+    bit-identical to one never read."""
+    cfg = stop_cfg(tmp_path / "ref", steps=10)
+    with Orchestrator(cfg, progress=False) as orch:
+        orch.train()
+        reference = flat_state(orch.state())
+    with Orchestrator(cfg.replace(run_dir=str(tmp_path / "read")), progress=False) as orch:
+        orch.train(num_steps=5)  # between the run's checks at 4 and 8
+        orch.state()
+        orch.train()
+        assert_bit_identical(flat_state(orch.state()), reference)
 
 
 def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path):

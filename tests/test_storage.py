@@ -180,12 +180,11 @@ def test_gcs_credentials_are_found_where_googles_default_chain_looks(tmp_path, m
 
 # ---- a training run on S3: killed, resumed from the URI, bit-identical ---------------------------
 def s3_cfg(run_dir: str, **changes) -> RunConfig:
-    """As test_stop's: batchnorm sync, so a resumed run equals an uninterrupted one to the bit.
-    No momentum: its buffers would double each checkpoint (to 90 MB), which moto moves at
+    """No momentum: its buffers would double each checkpoint (to 90 MB), which moto moves at
     5-11 MB/s; test_stop covers their resume."""
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
                      steps=16, lr=0.05, momentum=0.0, check_every=4, checkpoint_every=8, loader_workers=0,
-                     batchnorm="sync", run_dir=run_dir).replace(**changes)
+                     run_dir=run_dir).replace(**changes)
 
 
 def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small, tmp_path):
