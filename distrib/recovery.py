@@ -106,7 +106,8 @@ def heal(group: ReplicaGroup, err: ReplicaError, *, reported_to: int, faults: li
 
 def grow(group: ReplicaGroup, *, step: int, faults: list[Fault], check: Callable[[], None]) -> bool:
     """Bring the actors left out of a shrunk group back in at the boundary before `step`: `check`
-    first (the consistency check, which averages the BatchNorm buffers the snapshot holds),
+    first (the consistency check: in the shrunk group it makes the BatchNorm buffers' weighted
+    mean every rank's own, and so the snapshot's),
     rank 0's state to the new ranks, the larger group formed, `check` again. Returns whether
     the group grew (an actor that failed to start is started again instead)."""
     check()

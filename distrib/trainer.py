@@ -338,12 +338,12 @@ class Trainer:
             return profiling.measure_overlap(self, step, repeats)
 
     def _observe_buffers(self, *, adopt: bool) -> bnstats.Observed | None:
-        """Under `batchnorm: train` with 2+ ranks, the ranks' running statistics and their mean (`adopt`:
-        made every rank's own; bnstats.py); else None (under `sync` and `frozen` they agree). Collective."""
+        """Collective. Under `batchnorm: train` with 2+ ranks, the ranks' running statistics and their mean,
+        made every rank's own if `adopt` or the group is shrunk (bnstats.py); else None (`sync`, `frozen`)."""
         if self.cfg.batchnorm != "train" or self.world_size == 1 or not self._float_buffers:
             return None
         return bnstats.observe(self._float_buffers, step=self.next_step, num_shards=len(self.shards),
-                               num_workers=self.cfg.num_workers, adopt=adopt)
+                               num_workers=self.cfg.num_workers, adopt=adopt or self.world_size < self.cfg.num_workers)
 
     def _observed_buffers(self) -> dict[str, torch.Tensor]:
         """The buffers' mean over ranks as the fingerprint at this step observed it, by name; or {}."""
