@@ -214,11 +214,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         t4 = self.clock.mark()
         marks.append((t0, t1, t2, t3, t4))
-        if not shard_losses:  # at full size: this rank's loss on its shard
-            return loss.detach()
-        # What the driver adds (sum) or averages over ranks (mean) must come to the global batch's.
-        total = torch.stack([*shard_losses, loss.detach()]).sum()
-        return total if self.cfg.loss == "sum" else total * self._loss_scale
+        # What the driver adds (sum) or averages over ranks (mean) must come to the global batch's: in a
+        # shrunk group every rank's mean, of one shard or several, is scaled (at full size the scale is 1).
+        total = torch.stack([*shard_losses, loss.detach()]).sum() if shard_losses else loss.detach()
+        return total if self.cfg.loss == "sum" or self._loss_scale == 1.0 else total * self._loss_scale
 
     def _backward(self, loss: torch.Tensor) -> None:
         scaled = loss * self._loss_scale if self._loss_scale != 1.0 else loss

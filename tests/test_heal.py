@@ -13,11 +13,14 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from distrib import Orchestrator, ReplicaError, RunConfig
+from distrib import Orchestrator, ReplicaError, RunConfig, comm
+from distrib.protocol import shards_of
 from tests.conftest import assert_bit_identical, flat_state
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -119,6 +122,30 @@ def test_batchnorm_train_heal_keeps_parameters_and_momentum_exact(tmp_path):
     healed, _ = run(cfg.replace(run_dir=str(tmp_path / "run"), faults="kill:1@3"))
     exact = [name for name in reference if "running_" not in name and "num_batches" not in name]
     assert_bit_identical({n: healed[n] for n in exact}, {n: reference[n] for n in exact})
+
+
+def shrunk_loss_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    from distrib.trainer import Trainer
+
+    trainer = Trainer(heal_cfg(out_dir, batchnorm="train", num_workers=3), weights=None)
+    comm.init_process_group(backend="gloo", master_addr="127.0.0.1", master_port=port, world_rank=rank,
+                            world_size=world_size, timeout_s=60)
+    trainer.join(world_rank=rank, shards=shards_of(3, world_size)[rank], faults=None)
+    (record,) = trainer.run_steps(0, 1)
+    (Path(out_dir) / f"{world_size}-{rank}.json").write_text(json.dumps(record["loss"]))
+    comm.leave_process_group()
+
+
+def test_a_shrunk_group_reports_the_global_batch_loss(tmp_path):
+    """3 workers' shards on 2 ranks, one of which trains two: the step's loss as the driver
+    combines the ranks' records (their mean, for cross-entropy: metrics.aggregate) is the
+    global batch's mean, as on 3 ranks, whichever number of shards a rank holds."""
+    combined = {}
+    for world_size in (3, 2):
+        mp.spawn(shrunk_loss_worker, args=(world_size, comm.free_port(), str(tmp_path)), nprocs=world_size)
+        losses = [json.loads((tmp_path / f"{world_size}-{rank}.json").read_text()) for rank in range(world_size)]
+        combined[world_size] = sum(losses) / world_size
+    assert combined[2] == pytest.approx(combined[3], rel=1e-6)
 
 
 def test_deterministic_error_stops_instead_of_using_up_restarts(tmp_path):
