@@ -80,16 +80,17 @@ def write(run_dir: str | Path | RemotePath, *, step: int, cfg: RunConfig, payloa
 
 def check_uploaded(path: Path | RemotePath, chunks: list[bytes]) -> None:
     """CheckpointError unless `path` now holds exactly the concatenated `chunks`: the bytes read
-    back are compared with those still in memory (a memcmp; hashing them again cost the driver
-    about 0.3 s of CPU per 90 MB checkpoint)."""
+    back are compared with those still in memory, in place (bytes.startswith at each chunk's
+    offset: a memcmp, 14 ms for 90 MB, where comparing memoryview slices took 100 ms and
+    hashing them again about 0.3 s)."""
     try:
-        data = memoryview(path.read_bytes())
+        data = path.read_bytes()
     except OSError as err:
         raise CheckpointError(f"{path} is unreadable after its upload: {err}") from None
     starts = [0]
     for chunk in chunks:
         starts.append(starts[-1] + len(chunk))
-    if len(data) != starts[-1] or any(data[start:start + len(chunk)] != chunk for start, chunk in zip(starts, chunks)):
+    if len(data) != starts[-1] or not all(data.startswith(chunk, start) for start, chunk in zip(starts, chunks)):
         raise CheckpointError(f"{path} did not upload whole: the bytes read back differ from those sent")
 
 
