@@ -21,8 +21,6 @@ updated from the global batch identically on every rank: they need no averaging.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -31,25 +29,6 @@ from torch import nn
 def group_size(group=None) -> int:
     """Ranks in `group` (None: the default group), or 1 without a process group."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce(tensor: torch.Tensor, group) -> None:
-    """dist.all_reduce (sum) of `tensor`, waited for by polling on gloo.
-
-    Each layer's all-reduce is on the step's critical path, 40 a resnet18 step. gloo's blocking
-    wait sleeps until its worker thread has the result and the scheduler wakes the caller,
-    which on a busy CPU costs about as much as the all-reduce itself; polling keeps the caller
-    runnable, and sched_yield hands the core to gloo's threads meanwhile (bench/syncbn.py, 2 CPU
-    workers, 4 alternating runs: sync / train 1.13-1.15 polling, 1.15-1.18 blocking; a busy
-    loop without the yield was worse than blocking). On NCCL the host does not wait at all:
-    the all-reduce is ordered on the stream."""
-    if dist.get_backend(group) != "gloo":
-        dist.all_reduce(tensor, group=group)
-        return
-    work = dist.all_reduce(tensor, group=group, async_op=True)
-    while not work.is_completed():
-        os.sched_yield()
-    work.wait()  # raises the all-reduce's error, if it failed
 
 
 def _per_channel(vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +55,7 @@ def global_mean_var(x: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Te
     local_mean, local_var = torch.batch_norm_update_stats(compute, None, None, 0.0)  # biased variance
     mean64, var64 = torch.stack([local_mean, local_var]).double()
     sums = torch.cat([mean64.new_ones(1), mean64, torch.addcmul(var64, mean64, mean64)]) * (x.numel() // x.shape[1])
-    _all_reduce(sums, group)
+    dist.all_reduce(sums, group=group)
     total_count = sums[:1]
     mean, mean_of_squares = (sums[1:] / total_count).chunk(2)
     return mean, torch.addcmul(mean_of_squares, mean, mean, value=-1).clamp_(min=0), total_count
@@ -128,7 +107,7 @@ def _input_grad(grad_out, x, weight, mean, var, count, sum_dy, sum_dy_xhat, eps:
     scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), scale = w * invstd, the means over
     the global batch. Collective (one all-reduce of the two per-channel sums)."""
     sums = torch.cat([sum_dy, sum_dy_xhat]).to(mean.dtype)
-    _all_reduce(sums, group)
+    dist.all_reduce(sums, group=group)
     mean_dy, mean_dy_xhat = (sums / count).chunk(2)
     scale = torch.rsqrt(var + eps)
     if weight is not None:
