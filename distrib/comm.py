@@ -102,18 +102,5 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce_mean_(tensor) -> None:
-    """Average `tensor` in place over all ranks (a no-op at world size 1). All ranks must call this.
-
-    SUM then divide, because gloo has no AVG reduction.
-    """
-    import torch.distributed as dist
-
-    size = world_size()
-    if size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(size)
-
-
 def host_name() -> str:
     return os.uname().nodename
