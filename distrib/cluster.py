@@ -25,6 +25,8 @@ PLACEMENT_SLICE_S = 0.5
 
 DRAIN_POLL_S = 1.0
 """How often a DrainWatch asks Ray which nodes are being drained (a preemption notice)."""
+DRAIN_STOP_TIMEOUT_S = 30.0
+"""How long DrainWatch.stop() waits for a poll in flight (a GCS call) to return."""
 
 
 def connect_ray(address: str | None = None) -> bool:
@@ -96,19 +98,29 @@ def draining_nodes() -> dict[str, int]:
 
 
 class DrainWatch:
-    """Polls Ray on a thread (no cost to the loop) for the nodes of `node_ids()` being drained."""
+    """Polls Ray on a thread (no cost to the loop) for the nodes of `node_ids()` being drained.
+
+    stop() returns once the thread has ended: a thread still inside a Ray call when the driver
+    shuts Ray down, or when the process exits, can crash the process (ray#31145)."""
 
     def __init__(self, node_ids: Callable[[], set[str]]):
         self._node_ids = node_ids
         self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
         self.draining: dict[str, int] = {}
         """Node id -> the drain's deadline (ms since the epoch, 0: none), as of the last poll."""
 
     def start(self) -> None:
-        threading.Thread(target=self._watch, name="drain-watch", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="drain-watch", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling and wait for the thread to end; safe to call twice, or before start()."""
         self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(DRAIN_STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("the drain watch did not stop within %g s", DRAIN_STOP_TIMEOUT_S)
 
     def _watch(self) -> None:
         while not self._stopped.wait(DRAIN_POLL_S):

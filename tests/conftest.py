@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import ray
 
@@ -50,6 +53,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process here, with pytest's exit status, once every report is written.
+
+    Why not a normal exit: each module's ray.shutdown() leaves Ray's native threads (gRPC,
+    the GCS client's event loop) running in this process, and the C++ static destructors
+    that run at interpreter exit can race them (ray#31145). A CI run once ended "225 passed"
+    and then died of SIGSEGV in that teardown, failing a run whose tests all passed."""
+    if EXIT_STATUS not in config.stash:  # pytest stopped before a session ran: exit normally
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash[EXIT_STATUS])
+
+
+EXIT_STATUS = pytest.StashKey[int]()
 
 
 def flat_state(state: dict):

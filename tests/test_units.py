@@ -197,3 +197,29 @@ def test_stall_watch_names_a_rank_left_behind_but_not_a_group_that_waits():
     silent = StallWatch(2, limit_s=3.0, now=0.0)  # a rank that never answers while its peer does
     silent.update(1, Position(2, "backward"), now=1.0)
     assert silent.stalled(now=3.5) == [(0, "silent for 3.5 s")]
+
+
+def test_drain_watch_stop_waits_for_a_poll_in_flight(monkeypatch):
+    """A poll still inside Ray when the driver shuts Ray down can crash the process (ray#31145),
+    so stop() returns only once the polling thread has ended."""
+    import threading
+
+    from distrib import cluster
+
+    polling, release = threading.Event(), threading.Event()
+
+    def slow_poll() -> dict[str, int]:
+        polling.set()
+        release.wait(5)
+        return {"node-a": 0, "node-b": 0}
+
+    monkeypatch.setattr(cluster, "DRAIN_POLL_S", 0.01)
+    monkeypatch.setattr(cluster, "draining_nodes", slow_poll)
+    watch = cluster.DrainWatch(lambda: {"node-a"})
+    watch.start()
+    assert polling.wait(5)
+    threading.Timer(0.3, release.set).start()  # the poll returns 0.3 s after stop() is called
+    watch.stop()
+    assert not [t for t in threading.enumerate() if t.name == "drain-watch"]
+    assert watch.draining == {"node-a": 0}  # the poll in flight finished and was kept
+    watch.stop()  # twice is fine
