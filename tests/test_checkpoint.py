@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import pytest
 
@@ -119,3 +121,17 @@ def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device, prepa
         assert torch.equal(taken["model"]["weight"], expected), round_
         assert torch.equal(taken["optimizer"]["state"][0]["momentum_buffer"], expected.view(1024, 1024).t())
         assert taken["optimizer"]["param_groups"] == [{"lr": 0.1, "params": [0]}]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")
+def test_checkpoints_are_written_at_the_lowest_cpu_priority(tmp_path):
+    """The writer thread takes only CPU that replicas on the driver's machine leave idle."""
+    from distrib.rundir import WRITER_NICE, RunDir
+
+    run = RunDir.create(RunConfig(run_dir=str(tmp_path / "run")))
+    try:
+        nice = run._writer.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    finally:
+        run.close()
+    assert nice == WRITER_NICE == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < nice  # the driver's own thread is not
