@@ -66,16 +66,23 @@ def pytest_unconfigure(config):
     Why not a normal exit: each module's ray.shutdown() leaves Ray's native threads (gRPC,
     the GCS client's event loop) running in this process, and the C++ static destructors
     that run at interpreter exit can race them. A CI run once ended "225 passed" and then died
-    of SIGSEGV after it, failing a run whose tests all passed. (Skipped under coverage, which
-    saves its data at exit.)"""
-    if EXIT_STATUS not in config.stash or "coverage" in sys.modules:  # no session ran; coverage saves at exit
-        return
+    of SIGSEGV after it, failing a run whose tests all passed. (Not under coverage, which saves
+    its data at exit, nor when a program runs pytest.main(): that program goes on.)"""
+    if EXIT_STATUS not in config.stash or "coverage" in sys.modules or not _pytest_is_the_program():
+        return  # no session ran; coverage saves its data at exit; pytest.main() inside a program
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash[EXIT_STATUS])
 
 
 EXIT_STATUS = pytest.StashKey[int]()
+
+
+def _pytest_is_the_program() -> bool:
+    """True for `pytest ...` and `python -m pytest ...`; False for pytest.main() called by a program."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return (spec is not None and spec.name in ("pytest", "pytest.__main__")) or (
+        os.path.basename(sys.argv[0]) in ("pytest", "py.test"))
 
 
 def flat_state(state: dict):
