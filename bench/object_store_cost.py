@@ -76,16 +76,16 @@ def bench_cfg(run_dir: str, steps: int, checkpoint_every: int) -> RunConfig:
                      checkpoint_every=checkpoint_every, run_dir=run_dir)
 
 
-def images_per_s(cfg: RunConfig) -> tuple[float, float]:
-    """The run's images/s, and the seconds its steps after the first checkpoint lost against
-    the median step of the half before it: what the checkpoint cost the steps, which the
-    whole-run ratio shows only through the machine's noise."""
+def measure(cfg: RunConfig) -> tuple[float, float, float]:
+    """The run's images/s; its median step before the first checkpoint (over the half before
+    it); and the seconds its steps from that checkpoint on lost against that median: what the
+    checkpoint cost the steps, which the whole-run ratio shows only through the machine's noise."""
     with Orchestrator(cfg, progress=False) as orch:
         orch.train()
         walls = [m.wall_s for m in orch.history]
-    base = statistics.median(walls[cfg.checkpoint_every // 2:cfg.checkpoint_every])
-    excess = sum(wall - base for wall in walls[cfg.checkpoint_every:])
-    return orch.summary()["images_per_s"], excess
+    step_s = statistics.median(walls[cfg.checkpoint_every // 2:cfg.checkpoint_every])
+    lost_s = sum(wall - step_s for wall in walls[cfg.checkpoint_every:])
+    return orch.summary()["images_per_s"], step_s, lost_s
 
 
 def main() -> None:
@@ -104,13 +104,13 @@ def main() -> None:
         for i in range(args.rounds):
             runs = {"local": str(tmp / f"local-{i}"), "s3": f"s3://{BUCKET}/run-{i}"}
             order = list(runs) if i % 2 == 0 else list(runs)[::-1]  # which goes first flips every round
-            rate = {}
+            rate, step_s = {}, {}
             for where in order:
-                rate[where], lost_s = images_per_s(bench_cfg(runs[where], args.steps, args.checkpoint_every))
+                rate[where], step_s[where], lost_s = measure(bench_cfg(runs[where], args.steps, args.checkpoint_every))
                 excess[where].append(lost_s)
             local, remote = rate["local"], rate["s3"]
             ratios.append(remote / local)
-            local_step_s.append(bench_cfg(runs["local"], 1, 1).global_batch_size / local)
+            local_step_s.append(step_s["local"])
             print(f"round {i}: local {local:.1f} images/s, s3 {remote:.1f} images/s, ratio {ratios[-1]:.4f}; "
                   f"steps after the checkpoint lost {excess['local'][-1]:.2f} s local, {excess['s3'][-1]:.2f} s s3",
                   flush=True)

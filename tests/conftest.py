@@ -55,6 +55,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+EXIT_STATUS = pytest.StashKey[int]()
+"""pytest's exit status, kept at the session's end for pytest_unconfigure."""
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config.stash[EXIT_STATUS] = int(exitstatus)
 
@@ -73,9 +77,6 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(config.stash[EXIT_STATUS])
-
-
-EXIT_STATUS = pytest.StashKey[int]()
 
 
 def _pytest_is_the_program() -> bool:
