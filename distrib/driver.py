@@ -244,9 +244,10 @@ class Orchestrator:
         last_done = time.perf_counter()
         while next_step < end or queue:
             growing = self._group.ready_to_grow()  # a shrunk group grows once the queue is done
-            # Only calls of steps count: a check or snapshot queued between them must not leave the replicas
-            # without steps while the driver waits on it (a snapshot's bytes: 0.2-0.5 s on a GPU node).
-            depth = self.cfg.calls_in_flight * (2 if queue and queue[0].kind == "checkpoint" else 1)
+            # Only calls of steps count: a check or snapshot queued between them must not leave the
+            # replicas without steps while the driver waits on it.
+            behind_checkpoint = bool(queue) and queue[0].kind == "checkpoint"
+            depth = cadence.step_calls_queued(self.cfg, behind_checkpoint=behind_checkpoint)
             while next_step < end and sum(c.kind == "steps" for c in queue) < depth \
                     and not self._leaving() and not growing:
                 next_step = self._queue(queue, next_step, end)

@@ -30,7 +30,7 @@ import zlib
 
 import ray
 
-from distrib import comm
+from distrib import cadence, comm
 from distrib.config import RunConfig
 from distrib.faults import Fault, fire
 from distrib.protocol import PHASES, EvalRecord, Fingerprint, NodeInfo, Position, StepRecord
@@ -179,7 +179,7 @@ class SimReplica:
     def _keep(self, records: list[StepRecord]) -> None:
         """Keep the latest records, more than the driver can have queued, for `status` after a failure."""
         self._recent.update((r["step"], r) for r in records)
-        kept = self.cfg.steps_per_call * (self.cfg.calls_in_flight + 1)
+        kept = cadence.records_kept(self.cfg)
         self._recent = {s: r for s, r in self._recent.items() if s >= self.next_step - kept}
 
     def _refuse_if_broken(self) -> None:

@@ -263,7 +263,7 @@ class Trainer:
             phases = [self.clock.seconds(a, b) for a, b in zip(m, m[1:])]
             records.append(StepRecord(step=step, loss=loss_value, **dict(zip(PHASES, phases)), comm_s=comm_s))
         self._recent.update((r["step"], r) for r in records)
-        kept = self.cfg.steps_per_call * (self.cfg.calls_in_flight + 1)  # more than the driver queues ahead
+        kept = cadence.records_kept(self.cfg)
         self._recent = {s: r for s, r in self._recent.items() if s >= self.next_step - kept}
         return records
 

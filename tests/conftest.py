@@ -10,6 +10,14 @@ import ray
 
 from distrib.config import RunConfig
 
+# Ray refuses to create an object that must spill to disk once the disk is fuller than
+# local_fs_capacity_threshold (95%): OutOfDiskError. Snapshots and state reads spill where the
+# object store is small, and a CI machine's shared disk, 95% full with 12 GB still free, once
+# failed 4 tests that way. The tests need far less than 12 GB, so only a full disk stops them.
+# Set before any Ray instance starts: its raylet reads it from the environment it inherits.
+RAY_DISK_THRESHOLD_VAR = "RAY_local_fs_capacity_threshold"  # Ray's own spelling
+os.environ.setdefault(RAY_DISK_THRESHOLD_VAR, "1")
+
 
 @pytest.fixture(scope="module")
 def ray_local():
