@@ -103,10 +103,17 @@ def diagnose(group, late_ranks: list[int]) -> tuple[str, list[int]]:
     return f"{group.name(stuck)} stuck at step {where.step} in {where.phase}{waiting}", stuck
 
 
+OUT_OF_DISK = ("Ray's object store is full and the disk it spills to is fuller than Ray's "
+               "local_fs_capacity_threshold (95% by default); free space on that disk (Ray's temp dir, "
+               "/tmp/ray by default)")
+"""Why an OutOfDiskError, whose own first line is an object id or 'Local disk is full'."""
+
+
 def cause_of(err: ray.exceptions.RayError) -> str:
-    """'Type: first line' of the exception a replica raised."""
+    """'Type: first line' of the exception a replica raised (for an OutOfDiskError, what to do)."""
     cause = getattr(err, "cause", None) or err
-    return f"{type(cause).__name__}: {first_line(cause)}"
+    text = OUT_OF_DISK if isinstance(cause, ray.exceptions.OutOfDiskError) else first_line(cause)
+    return f"{type(cause).__name__}: {text}"
 
 
 def first_line(err: BaseException) -> str:

@@ -55,7 +55,8 @@ def test_failed_checkpoint_is_healed_with_every_step_reported_once(ray_small_sto
         assert rank0_fingerprint(orch) == uninterrupted
     (event,) = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "heal" and event["steps_redone"] == 0, event
-    assert "OutOfDiskError" in event["cause"] and event["step"] == 3, event
+    assert "OutOfDiskError: Ray's object store is full" in event["cause"] and event["step"] == 3, event
+    assert "free space on that disk" in event["cause"], event
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if "loss" in m and "top1" not in m] == list(range(7))
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
