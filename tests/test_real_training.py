@@ -196,6 +196,7 @@ def test_export_errors_are_one_line_exit_2(tmp_path, capsys):
                                 steps=1, checkpoint_every=1, run_dir=str(run_dir)), progress=False) as orch:
         orch.train()
     assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "a-file" / "model.pth")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "cannot be written" in err and "\n" not in err
+    # Ray prints its own processes' warnings to this process's stderr (a disk nearly full, in CI once).
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "(raylet)" not in line]
+    assert len(err) == 1 and "cannot be written" in err[0], err
     assert cli.main(["export", str(run_dir)]) == 0 and (run_dir / "model.pth").is_file()
