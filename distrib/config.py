@@ -51,7 +51,7 @@ class RunConfig:
     """SGD learning rate (the peak of the schedule; see lr_scaling)."""
     lr_schedule: Literal["constant", "step", "cosine"] = "constant"
     """After warm-up: `constant`; `step` multiplies by lr_gamma at each of lr_milestones;
-    `cosine` decays to 0 at the last step."""
+    `cosine` decays towards 0, reached at step `steps` (one past the last step run)."""
     warmup_steps: int = 0
     """Steps of linear warm-up from lr / warmup_steps to lr (Goyal et al. 2017); 0 = none."""
     lr_milestones: tuple[int, ...] = ()
@@ -171,8 +171,9 @@ class RunConfig:
     spare, and the cluster cannot place a fresh actor), go on with the survivors down to this
     many ranks, at the same global batch (each survivor takes over lost ranks' logical shards,
     accumulating their gradients), and grow back to num_workers as soon as the replacement
-    starts. 0 = num_workers: never shrink (a heal waits start_timeout_s, then restarts). No
-    effect on NCCL, where a run restarts instead of healing."""
+    starts. 0 = num_workers: never shrink (a heal waits start_timeout_s, then restarts). Heals
+    run on gloo only: refused with backend: nccl or recovery: restart, and no effect with
+    backend: auto on GPUs (NCCL), where a run restarts instead of healing."""
     elastic_wait_s: float = 30.0
     """How long a heal waits for a replacement before it shrinks the group (min_workers)."""
     stall_timeout_s: float = 3.0
