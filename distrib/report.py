@@ -87,9 +87,10 @@ def _load(path: Path, name: str) -> Run:
 
 
 def _read_lines(path: Path) -> list[dict]:
-    """The JSON lines of `path`. The driver ends every line with a newline once written, so
-    text after the last one is a line cut short by a killed run: it is left out."""
-    lines = path.read_text().split("\n")[:-1]
+    """The JSON lines of the log at `path` (all its parts, on object storage). The driver ends
+    every line with a newline once written, so text after the last one is a line cut short by a
+    killed run: it is left out."""
+    lines = storage.read_lines(path).split("\n")[:-1]
     try:
         return [json.loads(line) for line in lines if line.strip()]
     except json.JSONDecodeError as err:

@@ -11,8 +11,9 @@
 
 RUN_DIR is a local folder or an object-storage URI (s3://, gs://, ...: see storage.py). On
 object storage metrics.jsonl (and TensorBoard's files) are uploaded in batches (every
-METRICS_UPLOAD_S and before each checkpoint), not per step, and checkpoints/latest.json
-names the newest complete checkpoint.
+METRICS_UPLOAD_S and before each checkpoint), not per step, in parts of at most 4 MiB
+(metrics.1.jsonl, ...: storage.PART_BYTES), and checkpoints/latest.json names the newest
+complete checkpoint.
 
 The driver's loop says *when* (cadence.py), then calls `save`; this module says *how*:
 the snapshot is kept in memory for recovery and written to disk on a background
@@ -42,7 +43,7 @@ from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.storage import LineLog, RemotePath
 
 METRICS_UPLOAD_S = 10.0
-"""On object storage, metrics.jsonl is rewritten whole at most this often (a request per batch)."""
+"""On object storage, metrics.jsonl's last part is rewritten whole at most this often (a request per batch)."""
 WRITER_NICE = 19
 """The checkpoint writer's nice value (Linux): it hashes and sends ~100 MB a checkpoint with
 no step waiting on it, so it takes the CPU that replicas on the driver's machine leave idle."""

@@ -246,6 +246,36 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small
     assert torch.equal(exported["fc.weight"], final["model.fc.weight"])
 
 
+def test_metrics_on_s3_are_kept_in_parts_so_an_upload_stays_small(run_uri, monkeypatch):
+    """An object cannot be appended to: each upload rewrites the log's last part only, so its
+    size stays bounded however long the run; a resume goes on in the last part; a rewind cuts
+    the parts; `distrib report` reads them all."""
+    from distrib import report
+
+    monkeypatch.setattr(storage, "PART_BYTES", 1000)  # about 30 lines a part
+    path = storage.locate(run_uri) / "metrics.jsonl"
+    lines = [json.dumps({"kind": "step", "step": step, "loss": 1.0 / (step + 1)}) for step in range(100)]
+    log = storage.LineLog(path, upload_every_s=0.0, create=True)  # an upload after every line
+    for line in lines[:60]:
+        log.append(line)
+    log.close()
+    parts = storage.line_parts(path)
+    assert [p.name for p in parts] == ["metrics.jsonl"] + [f"metrics.{i}.jsonl" for i in range(1, len(parts))]
+    assert len(parts) >= 2 and all(len(p.read_bytes()) < 1100 for p in parts)
+    first = parts[0].read_bytes()
+    log = storage.LineLog(path, upload_every_s=0.0, create=True)  # a resume
+    for line in lines[60:]:
+        log.append(line)
+    assert parts[0].read_bytes() == first  # a full part is never uploaded again
+    assert storage.read_lines(path) == "".join(line + "\n" for line in lines)
+    assert [r["step"] for r in report._load(storage.locate(run_uri), "run").steps] == list(range(100))
+    log.keep(lambda line: json.loads(line)["step"] < 30)  # a rewind
+    log.append(lines[30])
+    log.close()
+    assert storage.read_lines(path) == "".join(line + "\n" for line in lines[:31])
+    assert len(storage.line_parts(path)) == 2  # the parts past the cut are gone
+
+
 def test_tensorboard_files_on_s3_start_anew_past_their_size_and_keep_every_step(run_uri, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
