@@ -7,15 +7,18 @@ on its own stream, as the replica's prefetch thread does: the whole preparation,
 decode alone, or the canvas and roi_align alone; and, as a candidate not in distrib yet, the
 canvas from jpeg.gather_canvas under torch.compile (one fused kernel, no int64 index in memory)
 then roi_align. Each stage's thread CPU time against its wall time, alone, tells CPU-bound (or
-GIL-holding) work from GPU work.
+GIL-holding) work from GPU work. Last, the same bare loop trained on batches from the
+pipeline itself (JpegShardSource: its loader processes and prefetch thread, as in a replica),
+with the eager canvas and with the compiled one, against synthetic data, rounds interleaved.
 
-    python bench/gpu_data_overlap.py [--images 1024]
+    python bench/gpu_data_overlap.py [--images 1024] [--rounds 2]
     python bench/gpu_data_overlap.py --device cpu --quick   # a smoke run of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -37,19 +40,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_rate(device: torch.device, *, image_size: int, batch: int, steps: int) -> float:
-    """images/s of a bare training loop (the model and data made once, outside the timing)."""
+def training_rate(device: torch.device, *, image_size: int, batch: int, steps: int, batches=None,
+                  warmup: int = 3) -> float:
+    """images/s of a bare training loop: on one synthetic batch made once, outside the timing, or
+    on `batches(step)` (images, labels) when given; timed after `warmup` steps."""
     fmt = torch.channels_last
     model = torchvision.models.resnet18().to(device, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.rand(batch, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
-    labels = torch.randint(0, 1000, (batch,), device=device)
-    for step in range(steps + 3):
-        if step == 3:
+    synthetic = (torch.rand(batch, 3, image_size, image_size, device=device).contiguous(memory_format=fmt),
+                 torch.randint(0, 1000, (batch,), device=device))
+    for step in range(steps + warmup):
+        if step == warmup:
             sync(device)
             start = time.perf_counter()
+        images, labels = synthetic if batches is None else batches(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+            loss = torch.nn.functional.cross_entropy(model(images.contiguous(memory_format=fmt)).float(), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -57,11 +63,11 @@ def training_rate(device: torch.device, *, image_size: int, batch: int, steps: i
     return steps * batch / (time.perf_counter() - start)
 
 
-def stages(source: JpegShardSource, items: list, device: torch.device) -> dict:
+def stages(source: JpegShardSource, items: list, device: torch.device, canvas) -> dict:
     """Each stage as a function of the item number (what the background thread repeats)."""
     decoded = [decode(source, item, device) for item in items]
     boxes = [item.boxes.to(device) for item in items]
-    compiled = compiled_crop(source._cfg.image_size, device)
+    compiled = compiled_crop(source._cfg.image_size, device, canvas)
     eager = source._crop(decoded[0], items[0].regions, boxes[0])
     fused = compiled(decoded[0], items[0].regions, boxes[0])
     print(f"compiled canvas: largest difference from distrib's {float((eager - fused).abs().max())}", flush=True)
@@ -75,18 +81,49 @@ def stages(source: JpegShardSource, items: list, device: torch.device) -> dict:
     }
 
 
-def compiled_crop(image_size: int, device: torch.device):
-    """JpegShardSource._crop with the whole canvas made by gather_canvas under torch.compile
-    (dynamic shapes: each batch's canvas has its own size)."""
+def compiled_canvas():
+    """JpegShardSource._canvas made whole by gather_canvas under torch.compile, cast to float32
+    in the same kernel (dynamic shapes: each batch's canvas has its own size)."""
     gather = torch.compile(lambda flat, shapes, h, w: gather_canvas(flat, shapes, h, w).float(), dynamic=True)
+    return lambda images, regions: gather(*canvas_inputs(images, regions))
+
+
+def compiled_crop(image_size: int, device: torch.device, canvas):
+    """JpegShardSource._crop with `canvas` (compiled_canvas()) in place of the eager one."""
 
     def crop(images: list[torch.Tensor], regions: list, boxes: torch.Tensor) -> torch.Tensor:
-        canvas = gather(*canvas_inputs(images, regions))
         index = torch.arange(len(images), dtype=boxes.dtype, device=device)[:, None]
-        return roi_align(canvas, torch.cat([index, boxes], dim=1), output_size=(image_size, image_size),
-                         spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return roi_align(canvas(images, regions), torch.cat([index, boxes], dim=1),
+                         output_size=(image_size, image_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
     return crop
+
+
+def fed_by_pipeline(cfg: RunConfig, device: torch.device, canvas, *, rounds: int, **train) -> None:
+    """The bare loop trained on synthetic data and on batches from JpegShardSource (its loader
+    processes and prefetch thread, as in a replica), with the eager canvas and the compiled one,
+    rounds interleaved; prints images/s and the ratio to synthetic of the same round."""
+    sources = {"eager canvas": JpegShardSource(cfg, shard=0, device=device),
+               "compiled canvas": JpegShardSource(cfg, shard=0, device=device)}
+    sources["compiled canvas"]._canvas = canvas  # the candidate, in this process only
+    next_step = dict.fromkeys(sources, 0)
+    print("| round | synthetic img/s | JPEG, eager canvas | / synthetic | JPEG, compiled canvas | / synthetic |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    try:
+        for round_index in range(rounds):
+            synthetic = training_rate(device, **train)
+            row = [f"{round_index + 1}", f"{synthetic:.0f}"]
+            for name, source in sources.items():
+                warmup = 2 * cfg.loader_workers + 2 if round_index == 0 else 3  # loader queues drained first
+                first = next_step[name]
+                rate = training_rate(device, warmup=warmup,
+                                     batches=lambda step, s=source, f=first: s.batch(f + step), **train)
+                next_step[name] = first + warmup + train["steps"]
+                row += [f"{rate:.0f}", f"{rate / synthetic:.3f}"]
+            print("| " + " | ".join(row) + " |", flush=True)
+    finally:
+        for source in sources.values():
+            source.close()
 
 
 def decode(source: JpegShardSource, item, device: torch.device) -> list[torch.Tensor]:
@@ -133,12 +170,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the training fed by the pipeline")
+    parser.add_argument("--loader-workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
-    size, batch, steps, sizes, images = 224, 256, 40, (375, 500), args.images
+    size, batch, steps, fed_steps, sizes, images = 224, 256, 40, 80, (375, 500), args.images
     if args.quick:
-        size, batch, steps, sizes, images = 64, 8, 3, (64, 120), 64
+        size, batch, steps, fed_steps, sizes, images = 64, 8, 3, 3, (64, 120), 64
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     train = dict(image_size=size, batch=batch, steps=steps)
@@ -148,7 +187,8 @@ def main() -> None:
                         batch_size_per_worker=batch, image_size=size, steps=100, loader_workers=0, decoder="nvjpeg")
         source = JpegShardSource(cfg, shard=0, device=device)
         items = [source.encoded(step) for step in range(4)]
-        runs = stages(source, items, device)
+        canvas = compiled_canvas()
+        runs = stages(source, items, device, canvas)
         training_rate(device, **train)  # warm-up: cuDNN autotuning
         reference = training_rate(device, **train)
         print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {size} px, batch {batch}: "
@@ -161,6 +201,8 @@ def main() -> None:
             print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rate:.0f} | {rate / reference:.3f} | {stage_rate:.1f} |",
                   flush=True)
         source.close()
+        fed_by_pipeline(cfg.replace(loader_workers=args.loader_workers, steps=1_000_000), device, canvas,
+                        rounds=args.rounds, **dict(train, steps=fed_steps))
 
 
 if __name__ == "__main__":
