@@ -1,102 +1,175 @@
 """Snapshots of a replica's state that cost its step stream one copy, not a pause.
 
-A snapshot used to copy the state to the host, serialise it and hand ~90 MB to Ray on the
-replica's one call thread, while the steps queued behind it (and every peer, at its next
-all-reduce) waited. Here `begin` only queues the copy into reusable host buffers (pinned, on
-a side stream, on a GPU) and orders the next steps' kernels after it; a thread serialises
-the copy once it has landed, and `take` (called by the driver on another of the actor's
-threads) waits for the bytes. On a CPU the copy itself is synchronous.
+`begin` only queues a copy of the state into one reusable host buffer (pinned, on a side
+stream, on a GPU) and orders the next steps' kernels after it; a thread copies the buffer
+once it has landed, and `take` (called by the driver on another of the actor's threads)
+hands that copy over as a `HostState`: the state's tree and one flat array of bytes. Ray
+moves such an array as one out-of-band buffer, and numpy copies without Python's GIL, so
+the replica's step thread, which launches the GPU's kernels, keeps the GIL meanwhile.
+torch.save, which used to run here, held it for most of ~100 ms a snapshot (while its
+thread ran, a thread of small torch ops ran at about half speed); `to_bytes` now runs it in
+the driver. On a CPU the first copy is synchronous.
+
+Snapshots are keyed by the steps done when begun: the driver can queue the next
+checkpoint's `begin` before it takes the previous one's bytes, when checkpoints come more
+often than the steps it keeps queued.
 """
 
 from __future__ import annotations
 
 import io
 import threading
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+ALIGN = 64
+"""Bytes each tensor's place in the flat buffer is aligned to (any dtype's element size divides it)."""
+
+
+@dataclass(frozen=True)
+class TensorAt:
+    """Where a tensor lies in a HostState's bytes, and its shape, strides and dtype there."""
+
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes its strided elements span (numel x element size for a dense tensor)."""
+        if 0 in self.shape:
+            return 0
+        span = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
+        return span * self.dtype.itemsize
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """This tensor as a view of `flat`, a uint8 tensor of the whole buffer."""
+        part = flat[self.offset:self.offset + self.nbytes]
+        return part.view(self.dtype).as_strided(self.shape, self.stride)
+
+
+@dataclass(frozen=True)
+class HostState:
+    """A state tree (dicts, lists, tensors and other leaves) as the tree with each tensor
+    replaced by its TensorAt, and `data`, all the tensors' bytes."""
+
+    tree: object
+    data: np.ndarray
+
+
+def layout_of(tensors: list[torch.Tensor]) -> list[TensorAt]:
+    """Each tensor's place in one flat buffer, in order, each aligned to ALIGN bytes."""
+    places, offset = [], 0
+    for tensor in tensors:
+        at = TensorAt(offset, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        places.append(at)
+        offset += -(-at.nbytes // ALIGN) * ALIGN
+    return places
+
+
+def to_bytes(state: HostState | bytes) -> bytes:
+    """The torch.save bytes of a HostState's tree (each tensor its own storage, as the state's
+    were); bytes (a simulated replica's snapshot) as they are."""
+    if isinstance(state, bytes):
+        return state
+    with warnings.catch_warnings():  # Ray hands the array over read-only; it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.from_numpy(state.data)
+    tree = _map_leaves(state.tree, lambda leaf: leaf.view(flat).clone() if isinstance(leaf, TensorAt) else leaf)
+    buffer = io.BytesIO()
+    torch.save(tree, buffer)
+    return buffer.getvalue()
 
 
 class HostSnapshots:
-    """One snapshot at a time: `begin(state)` then `take()` returns its torch.save bytes."""
+    """`begin(state, key)` then `take(key)`: the state as begun, as a HostState."""
 
     def __init__(self, device: torch.device):
         self._device = device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._buffers: list[torch.Tensor] = []
+        self._flat: torch.Tensor | None = None
+        self._layout: list[TensorAt] = []
         self._allocating: threading.Thread | None = None
         # A plain daemon thread per snapshot (they are rare), not an executor: an executor's
         # clean-up runs as Ray's SIGTERM tears the actor down and prints a traceback there.
-        self._pending: tuple[threading.Thread, dict] | None = None
+        self._pending: dict[int, tuple[threading.Thread, dict, object]] = {}
 
     def prepare(self, state_of: Callable[[], dict]) -> None:
-        """Allocate the host buffers for snapshots of the shapes of `state_of()` on a thread, unless
-        there are some: on a GPU, pinning ~90 MB takes tens of milliseconds, which `begin` would
+        """Allocate the host buffer for snapshots of the shapes of `state_of()` on a thread, unless
+        there is one: on a GPU, pinning ~90 MB takes tens of milliseconds, which `begin` would
         otherwise spend on the step thread while the GPU's queue of kernels runs dry."""
-        if self._stream is None or self._buffers or self._allocating is not None:
+        if self._stream is None or self._flat is not None or self._allocating is not None:
             return
         tensors = []
         map_tensors(state_of(), tensors.append)
-        specs = [(t.shape, t.stride(), t.dtype) for t in tensors]
-        self._allocating = threading.Thread(target=self._allocate, args=(specs,), name="snapshot-buffers",
-                                            daemon=True)
+        self._allocating = threading.Thread(target=self._allocate, args=(layout_of(tensors),),
+                                            name="snapshot-buffers", daemon=True)
         self._allocating.start()
 
-    def _allocate(self, specs: list) -> None:
-        self._buffers = [torch.empty_strided(shape, stride, dtype=dtype, pin_memory=self._stream is not None)
-                         for shape, stride, dtype in specs]
+    def _allocate(self, layout: list[TensorAt]) -> None:
+        size = layout[-1].offset + layout[-1].nbytes if layout else 0
+        self._flat = torch.empty(size, dtype=torch.uint8, pin_memory=self._stream is not None)
+        self._layout = layout
 
-    def begin(self, state: dict) -> None:
-        """Copy `state` (a tree of dicts, lists and tensors, as state_dict() gives) to host
-        buffers and start serialising it. Kernels queued after this on the current stream run
-        after the copy, so the tensors may be changed at once."""
-        if self._pending is not None:
-            self._pending[0].join()  # its buffers are about to be overwritten
+    def begin(self, state: dict, key: int) -> None:
+        """Copy `state` (a tree of dicts, lists and tensors, as state_dict() gives) to the host
+        buffer and start copying that out, as the snapshot `key`. Kernels queued after this on
+        the current stream run after the copy, so the tensors may be changed at once."""
+        for thread, _, _ in self._pending.values():
+            thread.join()  # its copy is made: the buffer is about to be overwritten
+        self._pending = {k: pending for k, pending in self._pending.items() if k < key}  # not a rewound one
         if self._allocating is not None:
             self._allocating.join()
-        tensors = []
+            self._allocating = None
+        tensors: list[torch.Tensor] = []
         map_tensors(state, tensors.append)
-        if [(t.shape, t.dtype, t.stride()) for t in tensors] != [(b.shape, b.dtype, b.stride()) for b in self._buffers]:
-            self._allocate([(t.shape, t.stride(), t.dtype) for t in tensors])
+        layout = layout_of(tensors)
+        if layout != self._layout:
+            self._allocate(layout)
+        places = iter(layout)
+        tree = map_tensors(state, lambda tensor: next(places))
         copied = None
         if self._stream is None:
-            for buffer, tensor in zip(self._buffers, tensors):
-                buffer.copy_(tensor)
+            for at, tensor in zip(layout, tensors):
+                at.view(self._flat).copy_(tensor)
         else:
             current = torch.cuda.current_stream(self._device)
             self._stream.wait_stream(current)  # the state as of the last kernel queued
             with torch.cuda.stream(self._stream):
-                for buffer, tensor in zip(self._buffers, tensors):
-                    buffer.copy_(tensor, non_blocking=True)
+                for at, tensor in zip(layout, tensors):
+                    at.view(self._flat).copy_(tensor, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self._stream)
             current.wait_stream(self._stream)  # the next steps change the tensors after the copy
-        buffers = iter(self._buffers)
-        host = map_tensors(state, lambda tensor: next(buffers))
         result: dict = {}
-        thread = threading.Thread(target=_serialise, args=(host, copied, result), name="snapshot", daemon=True)
+        thread = threading.Thread(target=_copy_out, args=(self._flat, copied, result), name="snapshot", daemon=True)
         thread.start()
-        self._pending = (thread, result)
+        self._pending[key] = (thread, result, tree)
 
-    def take(self) -> bytes:
-        """The bytes of the snapshot begun last (waits for them); RuntimeError if none was begun."""
-        if self._pending is None:
-            raise RuntimeError("no snapshot was begun: call begin_snapshot before take_snapshot")
-        (thread, result), self._pending = self._pending, None
+    def take(self, key: int) -> HostState:
+        """The snapshot begun as `key` (waits for its copy); older ones not taken are dropped.
+        RuntimeError if none was begun as `key`."""
+        if key not in self._pending:
+            raise RuntimeError(f"no snapshot was begun after step {key}: call begin_snapshot before take_snapshot")
+        thread, result, tree = self._pending.pop(key)
+        self._pending = {k: pending for k, pending in self._pending.items() if k > key}
         thread.join()
         if "error" in result:
             raise result["error"]
-        return result["bytes"]
+        return HostState(tree, result["data"])
 
 
-def _serialise(host: dict, copied: torch.cuda.Event | None, result: dict) -> None:
-    """torch.save bytes of `host` into result["bytes"] once the copy has landed (or result["error"])."""
+def _copy_out(flat: torch.Tensor, copied: torch.cuda.Event | None, result: dict) -> None:
+    """A copy of `flat`'s bytes into result["data"] once the copy into it has landed (or result["error"])."""
     try:
         if copied is not None:
             copied.synchronize()
-        buffer = io.BytesIO()
-        torch.save(host, buffer)
-        result["bytes"] = buffer.getvalue()
+        result["data"] = flat.numpy().copy()  # numpy copies without the GIL
     except Exception as err:  # handed to take(), on the caller's thread
         result["error"] = err
 
@@ -104,10 +177,12 @@ def _serialise(host: dict, copied: torch.cuda.Event | None, result: dict) -> Non
 def map_tensors(tree, fn):
     """`tree` (dicts, lists, tuples and leaves, as state_dict() gives) with each tensor t
     replaced by fn(t), visited in a fixed order; other leaves kept."""
-    if isinstance(tree, torch.Tensor):
-        return fn(tree)
+    return _map_leaves(tree, lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf)
+
+
+def _map_leaves(tree, fn):
     if isinstance(tree, dict):
-        return {key: map_tensors(value, fn) for key, value in tree.items()}
+        return {key: _map_leaves(value, fn) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(map_tensors(value, fn) for value in tree)
-    return tree
+        return type(tree)(_map_leaves(value, fn) for value in tree)
+    return fn(tree)

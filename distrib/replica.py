@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -16,6 +17,9 @@ from distrib import comm
 from distrib.config import RunConfig
 from distrib.faults import Fault
 from distrib.protocol import EvalRecord, NodeInfo, Position, StepRecord
+
+if TYPE_CHECKING:
+    from distrib.hostcopy import HostState
 
 CONCURRENCY_GROUPS = {"probe": 1, "snapshot": 1}
 """The hang probe's thread and the snapshot taker's; every other call runs on the one default
@@ -108,11 +112,11 @@ class Replica:
         self._trainer.begin_snapshot()
 
     @ray.method(concurrency_group="snapshot")
-    def take_snapshot(self) -> bytes:
+    def take_snapshot(self, step: int) -> HostState:
         """See Trainer.take_snapshot. Runs on its own thread, so the steps queued after
-        begin_snapshot go on while the snapshot is serialised and handed over; call it once
+        begin_snapshot go on while the snapshot is copied and handed over; call it once
         begin_snapshot has returned."""
-        return self._trainer.take_snapshot()
+        return self._trainer.take_snapshot(step)
 
     def close(self) -> None:
         """Stop the data loader's processes before the actor is killed: a loader killed with

@@ -73,7 +73,7 @@ class SimReplica:
         self._faults: list[Fault] = []
         """The run's faults, every rank's: its own fire here; a peer's kill or error fails its step here."""
         self._recent: dict[int, StepRecord] = {}
-        self._snapshot: bytes | None = None
+        self._snapshots: dict[int, bytes] = {}  # begun, by the steps done then; as hostcopy keeps them
         self._timeline: list[tuple[str, int, float, float]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -224,17 +224,22 @@ class SimReplica:
 
     def begin_snapshot(self) -> None:
         """A snapshot as of now, between the steps queued before and after it; take_snapshot gives it."""
-        self._snapshot = self.snapshot()
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k < self.next_step}
+        self._snapshots[self.next_step] = self.snapshot()
 
     @ray.method(concurrency_group="snapshot")
-    def take_snapshot(self) -> bytes:
-        """The snapshot begun last; on its own thread, like the real one."""
-        return self._snapshot
+    def take_snapshot(self, step: int) -> bytes:
+        """The snapshot begun after `step` steps; older ones not taken are dropped. On its own
+        thread, like the real one."""
+        if step not in self._snapshots:
+            raise RuntimeError(f"no snapshot was begun after step {step}")
+        snapshot = self._snapshots.pop(step)
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k > step}
+        return snapshot
 
     def _restore(self, payload: bytes, *, step: int) -> None:
-        if not payload.startswith(_SNAPSHOT_MAGIC):
-            raise ValueError("not a simulated replica's snapshot (a real run's checkpoint?)")
-        taken_at, self._state = _SNAPSHOT_HEADER.unpack_from(payload, len(_SNAPSHOT_MAGIC))
+        taken_at = snapshot_step(payload)
+        _, self._state = _SNAPSHOT_HEADER.unpack_from(payload, len(_SNAPSHOT_MAGIC))
         if taken_at != step:  # the driver handed over the wrong state: say so rather than run on
             raise ValueError(f"the snapshot was taken after {taken_at} steps, not {step}")
         self.next_step = step
@@ -256,3 +261,10 @@ class SimReplica:
 def _loss(step: int) -> float:
     """A loss that falls with the step, the same on every rank."""
     return 2.0 / (1.0 + 0.01 * step)
+
+
+def snapshot_step(payload: bytes) -> int:
+    """The steps done when a simulated replica's snapshot was taken."""
+    if not payload.startswith(_SNAPSHOT_MAGIC):
+        raise ValueError("not a simulated replica's snapshot (a real run's checkpoint?)")
+    return _SNAPSHOT_HEADER.unpack_from(payload, len(_SNAPSHOT_MAGIC))[0]

@@ -20,7 +20,7 @@ from distrib import allreduce, bnstats, cadence, comm, ddp, digest, evaluation, 
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
-from distrib.hostcopy import HostSnapshots, map_tensors
+from distrib.hostcopy import HostSnapshots, HostState, map_tensors, to_bytes
 from distrib.jpeg import JpegShardSource
 from distrib.model import StateDict, build_model
 from distrib.protocol import PHASES, EvalRecord, Position, StepRecord
@@ -360,8 +360,8 @@ class Trainer:
 
     def begin_snapshot(self) -> None:
         """Start a snapshot of the state as of now, costing the step stream one copy
-        (hostcopy.py); take_snapshot gives its bytes. Call after fingerprint, as for state()."""
-        self._snapshots.begin(self._snapshot_state())
+        (hostcopy.py); take_snapshot(next_step) gives it. Call after fingerprint, as for state()."""
+        self._snapshots.begin(self._snapshot_state(), key=self.next_step)
 
     def _snapshot_state(self) -> dict:
         """Model (BatchNorm buffers: as observed at this step), optimizer and scaler state; and
@@ -372,15 +372,15 @@ class Trainer:
             state["rank_buffers"] = self._observed.own
         return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
 
-    def take_snapshot(self) -> bytes:
-        """The torch.save bytes of the snapshot begun last (waits for them); restore() takes them back.
-        Safe to call from a thread other than the steps'."""
-        return self._snapshots.take()
+    def take_snapshot(self, step: int) -> HostState:
+        """The snapshot begun after `step` steps (waits for it); hostcopy.to_bytes makes the bytes
+        restore() takes. Safe to call from a thread other than the steps'."""
+        return self._snapshots.take(step)
 
     def snapshot(self) -> bytes:
-        """A snapshot begun and taken at once."""
+        """A snapshot begun and taken at once, as the bytes restore() takes."""
         self.begin_snapshot()
-        return self.take_snapshot()
+        return to_bytes(self.take_snapshot(self.next_step))
 
     def restore(self, payload: bytes, *, step: int, world_rank: int | None) -> None:
         """Load a snapshot taken after `step` steps; the next run_steps starts there. `world_rank`:

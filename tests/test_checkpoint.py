@@ -96,31 +96,48 @@ def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device, prepa
 
     import torch
 
-    from distrib.hostcopy import HostSnapshots
+    from distrib.hostcopy import HostSnapshots, to_bytes
+
+    def load(key: int) -> dict:
+        return torch.load(io.BytesIO(to_bytes(snapshots.take(key))), weights_only=True)
 
     snapshots = HostSnapshots(torch.device(device))
-    with pytest.raises(RuntimeError, match="no snapshot was begun"):
-        snapshots.take()
+    with pytest.raises(RuntimeError, match="no snapshot was begun after step 0"):
+        snapshots.take(0)
     weight = torch.arange(1 << 20, dtype=torch.float32, device=device)
     momentum = weight.view(1024, 1024).t()  # strided, as channels_last weights are
-    state = {"model": {"weight": weight}, "optimizer": {"state": {0: {"momentum_buffer": momentum}},
-                                                        "param_groups": [{"lr": 0.1, "params": [0]}]}}
-    ahead = []
-    if prepared:  # on a GPU the pinned buffers are allocated on a thread, before the first snapshot
+    state = {"model": {"weight": weight, "count": torch.tensor(7)},
+             "optimizer": {"state": {0: {"momentum_buffer": momentum}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    ahead = None
+    if prepared:  # on a GPU the pinned buffer is allocated on a thread, before the first snapshot
         snapshots.prepare(lambda: state)
         if device == "cuda":
             snapshots._allocating.join()
-            ahead = list(snapshots._buffers)
-            assert len(ahead) == 2 and all(buffer.is_pinned() for buffer in ahead)
-    for round_ in range(2):  # the second reuses the first's host buffers
+            ahead = snapshots._flat
+            assert ahead.is_pinned()
+    for round_ in range(2):  # the second reuses the first's host buffer
         expected = weight.cpu().clone()
-        snapshots.begin(state)
-        assert all(used is made for used, made in zip(snapshots._buffers, ahead))
+        snapshots.begin(state, key=round_)
+        assert ahead is None or snapshots._flat is ahead
         weight.mul_(3).add_(1)  # the next step, queued at once
-        taken = torch.load(io.BytesIO(snapshots.take()), weights_only=True)
+        taken = load(round_)
         assert torch.equal(taken["model"]["weight"], expected), round_
-        assert torch.equal(taken["optimizer"]["state"][0]["momentum_buffer"], expected.view(1024, 1024).t())
+        assert torch.equal(taken["model"]["count"], torch.tensor(7))
+        taken_momentum = taken["optimizer"]["state"][0]["momentum_buffer"]
+        assert torch.equal(taken_momentum, expected.view(1024, 1024).t())
+        assert taken_momentum.stride() == momentum.stride()
         assert taken["optimizer"]["param_groups"] == [{"lr": 0.1, "params": [0]}]
+    # Checkpoints closer together than the steps the driver keeps queued: the next one is begun
+    # before the last one is taken, and each still holds the state as it was begun.
+    at_5 = weight.cpu().clone()
+    snapshots.begin(state, key=5)
+    weight.add_(1)
+    snapshots.begin(state, key=6)
+    weight.add_(1)
+    assert torch.equal(load(5)["model"]["weight"], at_5)
+    assert torch.equal(load(6)["model"]["weight"], at_5 + 1)
+    with pytest.raises(RuntimeError, match="no snapshot was begun after step 5"):
+        snapshots.take(5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")

@@ -71,3 +71,19 @@ def test_simulate_command_prints_the_figures():
     assert done.returncode == 0, done.stderr
     for figure in ("driver cost per step:", "steps per second:", "calls per second:", "last result -> next call"):
         assert figure in done.stdout, done.stdout
+
+
+def test_checkpoints_closer_than_the_queued_steps_each_hold_their_own_step(tmp_path):
+    """With a checkpoint after every step, the driver queues the next checkpoints' snapshots
+    before it takes the first one's: each file must still hold the state after its own step
+    (it held a later one, by up to 4 steps, when the replica handed over the snapshot begun last)."""
+    from distrib import checkpoint
+    from distrib.simreplica import snapshot_step
+
+    cfg = sim_config(2, step_ms=2, steps=24, steps_per_call=1, calls_in_flight=2, check_every=0,
+                     run_dir=str(tmp_path / "run")).replace(checkpoint_every=1, keep_checkpoints=100)
+    with Orchestrator(cfg, progress=False) as orch:
+        orch.train()
+    saved = [checkpoint.read(path) for path in checkpoint.on_disk(tmp_path / "run")]
+    assert [c.step for c in saved] == list(range(1, 25))
+    assert [snapshot_step(c.payload) for c in saved] == list(range(1, 25))
