@@ -6,8 +6,7 @@
 #         calls and the step each follows), bench/snapshot_pause.py at 224 and 64 px (the time a
 #         mid-run snapshot costs the replica);
 #   data: the GPU tests of the JPEG path, bench/gpu_data_overlap.py (each stage of the nvjpeg
-#         path beside a step, then a bare loop fed by the pipeline with the eager canvas and the
-#         compiled one, against synthetic data);
+#         path beside a step, then a bare loop fed by the pipeline against synthetic data);
 #   all: both, then bench/gpu_data.py (distrib trained on JPEGs against synthetic data) if time allows.
 # Measured in earlier sessions and left out to fit the lease:
 #   python -m pytest -m gpu tests/test_gpu.py tests/test_syncbn.py

@@ -4,12 +4,15 @@ pipeline's stages take from a training step that runs beside them on the same GP
 A bare resnet18 loop (bf16, channels_last, 224 px, batch 256, synthetic data) is timed alone,
 then while a second thread runs one stage of the nvjpeg path (distrib/jpeg.py) over and over
 on its own stream, as the replica's prefetch thread does: the whole preparation, the batched
-decode alone, or the canvas and roi_align alone; and, as a candidate not in distrib yet, the
-canvas from jpeg.gather_canvas under torch.compile (one fused kernel, no int64 index in memory)
-then roi_align. Each stage's thread CPU time against its wall time, alone, tells CPU-bound (or
-GIL-holding) work from GPU work. Last, the same bare loop trained on batches from the
-pipeline itself (JpegShardSource: its loader processes and prefetch thread, as in a replica),
-with the eager canvas and with the compiled one, against synthetic data, rounds interleaved.
+decode alone, or the canvas and roi_align alone. Each stage's thread CPU time against its
+wall time, alone, tells CPU-bound (or GIL-holding) work from GPU work. Last, the same bare
+loop trained on batches from the pipeline itself (JpegShardSource: its loader processes and
+prefetch thread, as in a replica) against synthetic data, rounds interleaved: the JPEG
+path's ratio without Ray or the driver.
+
+(A canvas made by jpeg.gather_canvas under torch.compile was measured here on an H200 and
+taken out: it cost the step more than the eager one beside it, 0.53 against 0.68, and fed
+training no faster, 0.631 and 0.618 of synthetic against 0.637 and 0.603.)
 
     python bench/gpu_data_overlap.py [--images 1024] [--rounds 2]
     python bench/gpu_data_overlap.py --device cpu --quick   # a smoke run of the script itself
@@ -27,12 +30,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gpu_data import make_folder  # noqa: E402
 from distrib import RunConfig  # noqa: E402
-from distrib.jpeg import JpegShardSource, _decode, canvas_inputs, gather_canvas  # noqa: E402
+from distrib.jpeg import JpegShardSource, _decode  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -63,67 +65,36 @@ def training_rate(device: torch.device, *, image_size: int, batch: int, steps: i
     return steps * batch / (time.perf_counter() - start)
 
 
-def stages(source: JpegShardSource, items: list, device: torch.device, canvas) -> dict:
+def stages(source: JpegShardSource, items: list, device: torch.device) -> dict:
     """Each stage as a function of the item number (what the background thread repeats)."""
     decoded = [decode(source, item, device) for item in items]
     boxes = [item.boxes.to(device) for item in items]
-    compiled = compiled_crop(source._cfg.image_size, device, canvas)
-    eager = source._crop(decoded[0], items[0].regions, boxes[0])
-    fused = compiled(decoded[0], items[0].regions, boxes[0])
-    print(f"compiled canvas: largest difference from distrib's {float((eager - fused).abs().max())}", flush=True)
     return {
         "whole preparation": lambda i: source.decode_and_augment(items[i % len(items)]),
         "batched decode": lambda i: decode(source, items[i % len(items)], device),
         "canvas + roi_align": lambda i: source._crop(decoded[i % len(items)], items[i % len(items)].regions,
                                                      boxes[i % len(items)]),
-        "canvas compiled + roi_align": lambda i: compiled(decoded[i % len(items)], items[i % len(items)].regions,
-                                                          boxes[i % len(items)]),
     }
 
 
-def compiled_canvas():
-    """JpegShardSource._canvas made whole by gather_canvas under torch.compile, cast to float32
-    in the same kernel (dynamic shapes: each batch's canvas has its own size)."""
-    gather = torch.compile(lambda flat, shapes, h, w: gather_canvas(flat, shapes, h, w).float(), dynamic=True)
-    return lambda images, regions: gather(*canvas_inputs(images, regions))
-
-
-def compiled_crop(image_size: int, device: torch.device, canvas):
-    """JpegShardSource._crop with `canvas` (compiled_canvas()) in place of the eager one."""
-
-    def crop(images: list[torch.Tensor], regions: list, boxes: torch.Tensor) -> torch.Tensor:
-        index = torch.arange(len(images), dtype=boxes.dtype, device=device)[:, None]
-        return roi_align(canvas(images, regions), torch.cat([index, boxes], dim=1),
-                         output_size=(image_size, image_size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-    return crop
-
-
-def fed_by_pipeline(cfg: RunConfig, device: torch.device, canvas, *, rounds: int, **train) -> None:
+def fed_by_pipeline(cfg: RunConfig, device: torch.device, *, rounds: int, **train) -> None:
     """The bare loop trained on synthetic data and on batches from JpegShardSource (its loader
-    processes and prefetch thread, as in a replica), with the eager canvas and the compiled one,
-    rounds interleaved; prints images/s and the ratio to synthetic of the same round."""
-    sources = {"eager canvas": JpegShardSource(cfg, shard=0, device=device),
-               "compiled canvas": JpegShardSource(cfg, shard=0, device=device)}
-    sources["compiled canvas"]._canvas = canvas  # the candidate, in this process only
-    next_step = dict.fromkeys(sources, 0)
-    print("| round | synthetic img/s | JPEG, eager canvas | / synthetic | JPEG, compiled canvas | / synthetic |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    processes and prefetch thread, as in a replica), rounds interleaved; prints images/s and
+    the ratio to synthetic of the same round."""
+    source = JpegShardSource(cfg, shard=0, device=device)
+    next_step = 0
+    print("| round | synthetic img/s | JPEG img/s | / synthetic |\n| --- | --- | --- | --- |")
     try:
         for round_index in range(rounds):
             synthetic = training_rate(device, **train)
-            row = [f"{round_index + 1}", f"{synthetic:.0f}"]
-            for name, source in sources.items():
-                warmup = 2 * cfg.loader_workers + 2 if round_index == 0 else 3  # loader queues drained first
-                first = next_step[name]
-                rate = training_rate(device, warmup=warmup,
-                                     batches=lambda step, s=source, f=first: s.batch(f + step), **train)
-                next_step[name] = first + warmup + train["steps"]
-                row += [f"{rate:.0f}", f"{rate / synthetic:.3f}"]
-            print("| " + " | ".join(row) + " |", flush=True)
+            warmup = 2 * cfg.loader_workers + 2 if round_index == 0 else 3  # loader queues drained first
+            first = next_step
+            rate = training_rate(device, warmup=warmup, batches=lambda step, f=first: source.batch(f + step),
+                                 **train)
+            next_step = first + warmup + train["steps"]
+            print(f"| {round_index + 1} | {synthetic:.0f} | {rate:.0f} | {rate / synthetic:.3f} |", flush=True)
     finally:
-        for source in sources.values():
-            source.close()
+        source.close()
 
 
 def decode(source: JpegShardSource, item, device: torch.device) -> list[torch.Tensor]:
@@ -187,8 +158,7 @@ def main() -> None:
                         batch_size_per_worker=batch, image_size=size, steps=100, loader_workers=0, decoder="nvjpeg")
         source = JpegShardSource(cfg, shard=0, device=device)
         items = [source.encoded(step) for step in range(4)]
-        canvas = compiled_canvas()
-        runs = stages(source, items, device, canvas)
+        runs = stages(source, items, device)
         training_rate(device, **train)  # warm-up: cuDNN autotuning
         reference = training_rate(device, **train)
         print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, {size} px, batch {batch}: "
@@ -201,7 +171,7 @@ def main() -> None:
             print(f"| {name} | {wall:.1f} | {cpu:.1f} | {rate:.0f} | {rate / reference:.3f} | {stage_rate:.1f} |",
                   flush=True)
         source.close()
-        fed_by_pipeline(cfg.replace(loader_workers=args.loader_workers, steps=1_000_000), device, canvas,
+        fed_by_pipeline(cfg.replace(loader_workers=args.loader_workers, steps=1_000_000), device,
                         rounds=args.rounds, **dict(train, steps=fed_steps))
 
 

@@ -310,9 +310,8 @@ def canvas_inputs(images: list[torch.Tensor], regions: list[tuple[int, int, int,
 def gather_canvas(flat: torch.Tensor, shapes: torch.Tensor, canvas_h: int, canvas_w: int) -> torch.Tensor:
     """(B, 3, canvas_h, canvas_w) uint8 from `flat`, the (3, H, W) uint8 images laid end to end:
     row k of `shapes` is image k's (start in flat, H, W, top, left, h, w); slot k holds its region
-    (top, left, h, w), the last row and column repeated to the slot's edges. Tensors only (no
-    Python list or int taken from a tensor), so torch.compile can fuse it, index and all, into
-    one kernel (bench/gpu_data_overlap.py measures that against this eager form)."""
+    (top, left, h, w), the last row and column repeated to the slot's edges. (Compiled with
+    torch.compile into one kernel it cost an H200's training step more, not less: README.)"""
     start, height, width, top, left, h, w = shapes.unbind(1)
     device = flat.device
     rows = torch.minimum(torch.arange(canvas_h, device=device), (h - 1)[:, None]) + top[:, None]  # (B, Hc)
