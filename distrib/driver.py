@@ -35,7 +35,6 @@ from distrib.config import RunConfig
 from distrib.errors import ConfigError, DivergenceError, ReplicaError
 from distrib.group import ReplicaGroup
 from distrib.hang import HangLimit
-from distrib.hostcopy import to_bytes
 from distrib.metrics import EvalMetrics, StepMetrics, aggregate, combine_evals, format_summary, summarize
 from distrib.progress import Progress, say
 from distrib.protocol import PHASES, Fingerprint, NodeInfo, first_difference
@@ -344,7 +343,7 @@ class Orchestrator:
         if call.kind == "checkpoint":  # begun in order with the steps, taken beside them
             self._group.wait([call.snapshot_ref], what, timeout_s, step=queued_to)
             taken = self._group.replicas[0].take_snapshot.remote(call.first_step)
-            self.rundir.save(call.first_step, to_bytes(self._group.wait([taken], what, timeout_s, step=queued_to)[0]))
+            self.rundir.save(call.first_step, self._group.wait([taken], what, timeout_s, step=queued_to)[0])
 
     def _leaving(self) -> bool:
         """Whether to queue no more steps: a stop was asked for, or a replica's node is being drained."""

@@ -16,9 +16,9 @@ METRICS_UPLOAD_S and before each checkpoint), not per step, in parts of at most 
 complete checkpoint.
 
 The driver's loop says *when* (cadence.py), then calls `save`; this module says *how*:
-the snapshot is kept in memory for recovery and written to disk on a background
-thread, one write at a time, in step order. It knows no Ray, and no torch unless
-TensorBoard files are asked for.
+the snapshot is kept in memory for recovery and serialised and written to disk on a
+background thread, one write at a time, in step order. It knows no Ray, and imports torch
+only for TensorBoard files and a real replica's snapshot.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -41,6 +42,9 @@ from distrib.config import RunConfig, to_dict
 from distrib.errors import ConfigError
 from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.storage import LineLog, RemotePath
+
+if TYPE_CHECKING:
+    from distrib.hostcopy import HostState
 
 METRICS_UPLOAD_S = 10.0
 """On object storage, metrics.jsonl's last part is rewritten whole at most this often (a request per batch)."""
@@ -58,12 +62,25 @@ def _lower_priority() -> None:
             pass
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    """The replicas' state after `step` steps: the bytes a replica's `restore` takes."""
+    """The replicas' state after `step` steps: `payload` is the bytes a replica's `restore`
+    takes, made from a replica's HostState when first asked for (by the checkpoint writer, at
+    its low priority, unless a recovery needs them sooner), so that torch is imported and
+    torch.save runs off the driver's loop."""
 
-    step: int
-    payload: bytes
+    def __init__(self, step: int, taken: bytes | HostState):
+        self.step = step
+        self._taken: bytes | HostState = taken
+        self._lock = threading.Lock()
+
+    @property
+    def payload(self) -> bytes:
+        with self._lock:
+            if not isinstance(self._taken, bytes):
+                from distrib.hostcopy import to_bytes
+
+                self._taken = to_bytes(self._taken)
+            return self._taken
 
 
 class RunDir:
@@ -124,14 +141,16 @@ class RunDir:
         storage.write_whole(self.path / "config.yaml", [text.encode()])
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def save(self, step: int, payload: bytes) -> None:
+    def save(self, step: int, taken: bytes | HostState) -> None:
         """Keep the snapshot for recovery and write it to RUN_DIR/checkpoints on the background
-        thread (hashing and fsync take ~1 s for resnet18), so the driver goes on feeding the
-        replicas meanwhile. Waits for the previous write first: one at a time, in step order."""
-        self.snapshot = Snapshot(step, payload)
+        thread (serialising, hashing and fsync take ~1 s for resnet18), so the driver goes on
+        feeding the replicas meanwhile. Waits for the previous write first: one at a time, in
+        step order."""
+        snapshot = self.snapshot = Snapshot(step, taken)
         self.flush()  # on object storage, uploads the metrics of the steps before `step` too
-        self._pending_write = self._writer.submit(checkpoint.write, self.path, step=step, cfg=self.cfg,
-                                                  payload=payload, keep=self.cfg.keep_checkpoints)
+        self._pending_write = self._writer.submit(
+            lambda: checkpoint.write(self.path, step=step, cfg=self.cfg, payload=snapshot.payload,
+                                     keep=self.cfg.keep_checkpoints))
 
     def newest_checkpoint(self) -> Path | RemotePath | None:
         """The newest checkpoint file written so far (None before the first)."""

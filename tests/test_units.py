@@ -223,3 +223,15 @@ def test_drain_watch_stop_waits_for_a_poll_in_flight(monkeypatch):
     assert not [t for t in threading.enumerate() if t.name == "drain-watch"]
     assert watch.draining == {"node-a": 0}  # the poll in flight finished and was kept
     watch.stop()  # twice is fine
+
+
+def test_the_driver_imports_no_torch():
+    """The driver never touches a tensor's maths, so a driver of simulated replicas, or one on a
+    machine without torch's ~1 s import, loads none: a real snapshot is serialised on the
+    checkpoint writer's thread, which imports torch then."""
+    import subprocess
+    import sys
+
+    code = "import sys, distrib.cli, distrib.driver, distrib.rundir; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
