@@ -8,7 +8,7 @@ moves such an array as one out-of-band buffer, and numpy copies without Python's
 the replica's step thread, which launches the GPU's kernels, keeps the GIL meanwhile.
 torch.save, which used to run here, held it for most of ~100 ms a snapshot (while its
 thread ran, a thread of small torch ops ran at about half speed); `to_bytes` now runs it in
-the driver. On a CPU the first copy is synchronous.
+the driver (rundir.Snapshot, on its checkpoint writer). On a CPU the first copy is synchronous.
 
 Snapshots are keyed by the steps done when begun: the driver can queue the next
 checkpoint's `begin` before it takes the previous one's bytes, when checkpoints come more
