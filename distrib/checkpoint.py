@@ -2,9 +2,10 @@
 checks, the "latest" marker, the newest valid one, config compatibility.
 
 A checkpoint file is one line of magic, one line of JSON header (step, config, sha256
-and size of the payload) and the payload: the replica's `torch.save` bytes of model,
-optimizer and scaler state. The driver writes and verifies files without importing
-torch; only replicas open the payload (with `weights_only=True`).
+and size of the payload) and the payload: the `torch.save` bytes of rank 0's model,
+optimizer and scaler state (made from its flat copy by hostcopy.to_bytes, on the driver's
+checkpoint writer thread). The driver's loop writes and verifies files without importing
+torch; only replicas and export open the payload (with `weights_only=True`).
 
 There is no hidden RNG state to save: every step's data is a function of (seed,
 step) and nothing else draws random numbers, so the step counter is the data position.

@@ -3,7 +3,8 @@
 `begin` only queues a copy of the state into one reusable host buffer (pinned, on a side
 stream, on a GPU) and orders the next steps' kernels after it; a thread copies the buffer
 once it has landed, and `take` (called by the driver on another of the actor's threads)
-hands that copy over as a `HostState`: the state's tree and one flat array of bytes. Ray
+hands that copy over as a `HostState` (protocol.py: no torch needed to unpickle it): the
+state's tree and one flat array of bytes. Ray
 moves such an array as one out-of-band buffer, and numpy copies without Python's GIL, so
 the replica's step thread, which launches the GPU's kernels, keeps the GIL meanwhile.
 torch.save, which used to run here, held it for most of ~100 ms a snapshot (while its
@@ -21,55 +22,30 @@ import io
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from distrib.protocol import HostState, TensorAt
 
 ALIGN = 64
 """Bytes each tensor's place in the flat buffer is aligned to (any dtype's element size divides it)."""
-
-
-@dataclass(frozen=True)
-class TensorAt:
-    """Where a tensor lies in a HostState's bytes, and its shape, strides and dtype there."""
-
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes its strided elements span (numel x element size for a dense tensor)."""
-        if 0 in self.shape:
-            return 0
-        span = 1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))
-        return span * self.dtype.itemsize
-
-    def view(self, flat: torch.Tensor) -> torch.Tensor:
-        """This tensor as a view of `flat`, a uint8 tensor of the whole buffer."""
-        part = flat[self.offset:self.offset + self.nbytes]
-        return part.view(self.dtype).as_strided(self.shape, self.stride)
-
-
-@dataclass(frozen=True)
-class HostState:
-    """A state tree (dicts, lists, tensors and other leaves) as the tree with each tensor
-    replaced by its TensorAt, and `data`, all the tensors' bytes."""
-
-    tree: object
-    data: np.ndarray
 
 
 def layout_of(tensors: list[torch.Tensor]) -> list[TensorAt]:
     """Each tensor's place in one flat buffer, in order, each aligned to ALIGN bytes."""
     places, offset = [], 0
     for tensor in tensors:
-        at = TensorAt(offset, tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        at = TensorAt(offset, tuple(tensor.shape), tuple(tensor.stride()), str(tensor.dtype).removeprefix("torch."),
+                      tensor.element_size())
         places.append(at)
         offset += -(-at.nbytes // ALIGN) * ALIGN
     return places
+
+
+def view(at: TensorAt, flat: torch.Tensor) -> torch.Tensor:
+    """The tensor at `at` as a view of `flat`, a uint8 tensor of the whole buffer."""
+    part = flat[at.offset:at.offset + at.nbytes]
+    return part.view(getattr(torch, at.dtype)).as_strided(at.shape, at.stride)
 
 
 def to_bytes(state: HostState | bytes) -> bytes:
@@ -80,7 +56,7 @@ def to_bytes(state: HostState | bytes) -> bytes:
     with warnings.catch_warnings():  # Ray hands the array over read-only; it is only read here
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.from_numpy(state.data)
-    tree = _map_leaves(state.tree, lambda leaf: leaf.view(flat).clone() if isinstance(leaf, TensorAt) else leaf)
+    tree = _map_leaves(state.tree, lambda leaf: view(leaf, flat).clone() if isinstance(leaf, TensorAt) else leaf)
     buffer = io.BytesIO()
     torch.save(tree, buffer)
     return buffer.getvalue()
@@ -97,6 +73,9 @@ class HostSnapshots:
         self._allocating: threading.Thread | None = None
         # A plain daemon thread per snapshot (they are rare), not an executor: an executor's
         # clean-up runs as Ray's SIGTERM tears the actor down and prints a traceback there.
+        self._copying: threading.Thread | None = None  # the last one, taken or not
+        # begin runs on the step thread, take on the actor's snapshot thread: both change _pending.
+        self._lock = threading.Lock()
         self._pending: dict[int, tuple[threading.Thread, dict, object]] = {}
 
     def prepare(self, state_of: Callable[[], dict]) -> None:
@@ -120,9 +99,10 @@ class HostSnapshots:
         """Copy `state` (a tree of dicts, lists and tensors, as state_dict() gives) to the host
         buffer and start copying that out, as the snapshot `key`. Kernels queued after this on
         the current stream run after the copy, so the tensors may be changed at once."""
-        for thread, _, _ in self._pending.values():
-            thread.join()  # its copy is made: the buffer is about to be overwritten
-        self._pending = {k: pending for k, pending in self._pending.items() if k < key}  # not a rewound one
+        if self._copying is not None:
+            self._copying.join()  # the buffer is about to be overwritten: its last copy must be made
+        with self._lock:
+            self._pending = {k: pending for k, pending in self._pending.items() if k < key}  # not a rewound one
         if self._allocating is not None:
             self._allocating.join()
             self._allocating = None
@@ -136,28 +116,32 @@ class HostSnapshots:
         copied = None
         if self._stream is None:
             for at, tensor in zip(layout, tensors):
-                at.view(self._flat).copy_(tensor)
+                view(at, self._flat).copy_(tensor)
         else:
             current = torch.cuda.current_stream(self._device)
             self._stream.wait_stream(current)  # the state as of the last kernel queued
             with torch.cuda.stream(self._stream):
                 for at, tensor in zip(layout, tensors):
-                    at.view(self._flat).copy_(tensor, non_blocking=True)
+                    view(at, self._flat).copy_(tensor, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self._stream)
             current.wait_stream(self._stream)  # the next steps change the tensors after the copy
         result: dict = {}
         thread = threading.Thread(target=_copy_out, args=(self._flat, copied, result), name="snapshot", daemon=True)
         thread.start()
-        self._pending[key] = (thread, result, tree)
+        self._copying = thread
+        with self._lock:
+            self._pending[key] = (thread, result, tree)
 
     def take(self, key: int) -> HostState:
         """The snapshot begun as `key` (waits for its copy); older ones not taken are dropped.
         RuntimeError if none was begun as `key`."""
-        if key not in self._pending:
-            raise RuntimeError(f"no snapshot was begun after step {key}: call begin_snapshot before take_snapshot")
-        thread, result, tree = self._pending.pop(key)
-        self._pending = {k: pending for k, pending in self._pending.items() if k > key}
+        with self._lock:
+            if key not in self._pending:
+                raise RuntimeError(f"no snapshot was begun after step {key}: "
+                                   "call begin_snapshot before take_snapshot")
+            thread, result, tree = self._pending.pop(key)
+            self._pending = {k: pending for k, pending in self._pending.items() if k > key}
         thread.join()
         if "error" in result:
             raise result["error"]

@@ -7,7 +7,7 @@ and the replica fills in exactly these shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 PHASES = ("data_s", "forward_s", "backward_s", "optimizer_s")
 """Timed phases of a replica's step, in seconds, in order; backward_s includes DDP's
@@ -96,3 +96,32 @@ def shards_of(num_shards: int, world_size: int) -> list[list[int]]:
     """The logical shards of each global batch that each of `world_size` ranks trains on: shard
     s goes to rank s mod world_size, so at full size rank r has shard r."""
     return [list(range(rank, num_shards, world_size)) for rank in range(world_size)]
+
+
+@dataclass(frozen=True)
+class TensorAt:
+    """Where a tensor lies in a HostState's bytes: its offset, shape and strides (in elements),
+    and its dtype by name ("float32", "bfloat16", ...: no torch needed to unpickle it)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes its strided elements span (numel x element size for a dense tensor)."""
+        if 0 in self.shape:
+            return 0
+        return (1 + sum((size - 1) * stride for size, stride in zip(self.shape, self.stride))) * self.itemsize
+
+
+@dataclass(frozen=True)
+class HostState:
+    """A replica's state tree (dicts, lists, tensors and other leaves, as state_dict() gives)
+    as the tree with each tensor replaced by its TensorAt, and `data`, a flat uint8 numpy array
+    of all the tensors' bytes (hostcopy.py makes one, and turns it into torch.save bytes)."""
+
+    tree: object
+    data: Any

@@ -19,7 +19,7 @@ from distrib.faults import Fault
 from distrib.protocol import EvalRecord, NodeInfo, Position, StepRecord
 
 if TYPE_CHECKING:
-    from distrib.hostcopy import HostState
+    from distrib.protocol import HostState
 
 CONCURRENCY_GROUPS = {"probe": 1, "snapshot": 1}
 """The hang probe's thread and the snapshot taker's; every other call runs on the one default

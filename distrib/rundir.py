@@ -44,7 +44,7 @@ from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.storage import LineLog, RemotePath
 
 if TYPE_CHECKING:
-    from distrib.hostcopy import HostState
+    from distrib.protocol import HostState
 
 METRICS_UPLOAD_S = 10.0
 """On object storage, metrics.jsonl's last part is rewritten whole at most this often (a request per batch)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 import zlib
 
@@ -74,6 +75,7 @@ class SimReplica:
         """The run's faults, every rank's: its own fire here; a peer's kill or error fails its step here."""
         self._recent: dict[int, StepRecord] = {}
         self._snapshots: dict[int, bytes] = {}  # begun, by the steps done then; as hostcopy keeps them
+        self._snapshots_lock = threading.Lock()  # begun on the call thread, taken on the snapshot thread
         self._timeline: list[tuple[str, int, float, float]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -224,17 +226,20 @@ class SimReplica:
 
     def begin_snapshot(self) -> None:
         """A snapshot as of now, between the steps queued before and after it; take_snapshot gives it."""
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k < self.next_step}
-        self._snapshots[self.next_step] = self.snapshot()
+        snapshot = self.snapshot()
+        with self._snapshots_lock:
+            self._snapshots = {k: v for k, v in self._snapshots.items() if k < self.next_step}
+            self._snapshots[self.next_step] = snapshot
 
     @ray.method(concurrency_group="snapshot")
     def take_snapshot(self, step: int) -> bytes:
         """The snapshot begun after `step` steps; older ones not taken are dropped. On its own
         thread, like the real one."""
-        if step not in self._snapshots:
-            raise RuntimeError(f"no snapshot was begun after step {step}")
-        snapshot = self._snapshots.pop(step)
-        self._snapshots = {k: v for k, v in self._snapshots.items() if k > step}
+        with self._snapshots_lock:
+            if step not in self._snapshots:
+                raise RuntimeError(f"no snapshot was begun after step {step}")
+            snapshot = self._snapshots.pop(step)
+            self._snapshots = {k: v for k, v in self._snapshots.items() if k > step}
         return snapshot
 
     def _restore(self, payload: bytes, *, step: int) -> None:

@@ -20,10 +20,10 @@ from distrib import allreduce, bnstats, cadence, comm, ddp, digest, evaluation, 
 from distrib.config import RunConfig
 from distrib.data import HeldOutSource, ShardSource
 from distrib.faults import Fault, fire
-from distrib.hostcopy import HostSnapshots, HostState, map_tensors, to_bytes
+from distrib.hostcopy import HostSnapshots, map_tensors, to_bytes
 from distrib.jpeg import JpegShardSource
 from distrib.model import StateDict, build_model
-from distrib.protocol import PHASES, EvalRecord, Position, StepRecord
+from distrib.protocol import PHASES, EvalRecord, HostState, Position, StepRecord
 from distrib.schedule import lr_at
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
+import time
 
 import pytest
 
@@ -138,6 +140,37 @@ def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device, prepa
     assert torch.equal(load(6)["model"]["weight"], at_5 + 1)
     with pytest.raises(RuntimeError, match="no snapshot was begun after step 5"):
         snapshots.take(5)
+
+
+def test_a_snapshot_taken_while_the_next_is_begun_keeps_its_own_state(monkeypatch):
+    """take runs on the actor's snapshot thread, begin on the step thread: a begin must not
+    overwrite the host buffer while the snapshot taken before it is still being copied out
+    (its copy-out slowed here, so that the two overlap every time)."""
+    import torch
+
+    from distrib import hostcopy
+
+    copy_out = hostcopy._copy_out
+
+    def slow_copy_out(*args):
+        time.sleep(0.3)
+        copy_out(*args)
+
+    monkeypatch.setattr(hostcopy, "_copy_out", slow_copy_out)
+    snapshots = hostcopy.HostSnapshots(torch.device("cpu"))
+    weight = torch.zeros(1 << 16)
+    state = {"model": {"weight": weight}}
+    snapshots.begin(state, key=5)
+    taken = {}
+    taker = threading.Thread(target=lambda: taken.update(state=snapshots.take(5)))
+    taker.start()
+    time.sleep(0.05)  # the taker is waiting for snapshot 5's copy-out
+    weight.add_(1)  # step 6
+    snapshots.begin(state, key=6)
+    taker.join()
+    for state_taken, expected in ((taken["state"], 0.0), (snapshots.take(6), 1.0)):
+        loaded = torch.load(io.BytesIO(hostcopy.to_bytes(state_taken)), weights_only=True)
+        assert torch.equal(loaded["model"]["weight"], torch.full((1 << 16,), expected))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice is Linux's")

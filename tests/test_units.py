@@ -227,11 +227,19 @@ def test_drain_watch_stop_waits_for_a_poll_in_flight(monkeypatch):
 
 def test_the_driver_imports_no_torch():
     """The driver never touches a tensor's maths, so a driver of simulated replicas, or one on a
-    machine without torch's ~1 s import, loads none: a real snapshot is serialised on the
-    checkpoint writer's thread, which imports torch then."""
+    machine without torch's ~1 s import, loads none, not even when a real replica's snapshot
+    (a HostState) arrives: it is serialised on the checkpoint writer's thread, which imports
+    torch then."""
+    import pickle
     import subprocess
     import sys
 
-    code = "import sys, distrib.cli, distrib.driver, distrib.rundir; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == "False", done.stderr
+    from distrib.hostcopy import HostSnapshots
+
+    snapshots = HostSnapshots(torch.device("cpu"))
+    snapshots.begin({"model": {"weight": torch.ones(3, 4).t(), "half": torch.ones(2, dtype=torch.bfloat16)}}, key=1)
+    taken = pickle.dumps(snapshots.take(1))
+    code = ("import pickle, sys, distrib.cli, distrib.driver, distrib.rundir; "
+            "state = pickle.loads(sys.stdin.buffer.read()); print(len(state.data), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], input=taken, capture_output=True, timeout=120)
+    assert done.stdout.decode().split() == ["68", "False"], done.stderr.decode()  # 48 bytes, then 4 at 64
