@@ -2,14 +2,14 @@
 
 `begin` only queues a copy of the state into one reusable host buffer (pinned, on a side
 stream, on a GPU) and orders the next steps' kernels after it; a thread copies the buffer
-once it has landed, and `take` (called by the driver on another of the actor's threads)
+out once it has landed, and `take` (called by the driver on another of the actor's threads)
 hands that copy over as a `HostState` (protocol.py: no torch needed to unpickle it): the
-state's tree and one flat array of bytes. Ray
-moves such an array as one out-of-band buffer, and numpy copies without Python's GIL, so
-the replica's step thread, which launches the GPU's kernels, keeps the GIL meanwhile.
-torch.save, which used to run here, held it for most of ~100 ms a snapshot (while its
-thread ran, a thread of small torch ops ran at about half speed); `to_bytes` now runs it in
-the driver (rundir.Snapshot, on its checkpoint writer). On a CPU the first copy is synchronous.
+state's tree and one flat array of bytes. Ray moves such an array as one out-of-band
+buffer, and numpy copies it without Python's GIL, so the replica's step thread, which
+launches the GPU's kernels, is not held up meanwhile. torch.save, which used to run here,
+slowed it for most of ~100 ms a snapshot (a thread of small torch ops beside it ran at
+about half speed); `to_bytes` now runs it in the driver (rundir.Snapshot, on its checkpoint
+writer). On a CPU the first copy is synchronous.
 
 Snapshots are keyed by the steps done when begun: the driver can queue the next
 checkpoint's `begin` before it takes the previous one's bytes, when checkpoints come more
