@@ -11,9 +11,7 @@ slowed it for most of ~100 ms a snapshot (a thread of small torch ops beside it 
 about half speed); `to_bytes` now runs it in the driver (rundir.Snapshot, on its checkpoint
 writer). On a CPU the first copy is synchronous.
 
-Snapshots are keyed by the steps done when begun: the driver can queue the next
-checkpoint's `begin` before it takes the previous one's bytes, when checkpoints come more
-often than the steps it keeps queued.
+Snapshots are keyed by the steps done when begun (protocol.SnapshotsBegun).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from distrib.protocol import HostState, TensorAt
+from distrib.protocol import HostState, SnapshotsBegun, TensorAt
 
 ALIGN = 64
 """Bytes each tensor's place in the flat buffer is aligned to (any dtype's element size divides it)."""
@@ -74,9 +72,7 @@ class HostSnapshots:
         # A plain daemon thread per snapshot (they are rare), not an executor: an executor's
         # clean-up runs as Ray's SIGTERM tears the actor down and prints a traceback there.
         self._copying: threading.Thread | None = None  # the last one, taken or not
-        # begin runs on the step thread, take on the actor's snapshot thread: both change _pending.
-        self._lock = threading.Lock()
-        self._pending: dict[int, tuple[threading.Thread, dict, object]] = {}
+        self._begun: SnapshotsBegun[tuple[threading.Thread, dict, object]] = SnapshotsBegun()
 
     def prepare(self, state_of: Callable[[], dict]) -> None:
         """Allocate the host buffer for snapshots of the shapes of `state_of()` on a thread, unless
@@ -101,8 +97,6 @@ class HostSnapshots:
         the current stream run after the copy, so the tensors may be changed at once."""
         if self._copying is not None:
             self._copying.join()  # the buffer is about to be overwritten: its last copy must be made
-        with self._lock:
-            self._pending = {k: pending for k, pending in self._pending.items() if k < key}  # not a rewound one
         if self._allocating is not None:
             self._allocating.join()
             self._allocating = None
@@ -130,18 +124,12 @@ class HostSnapshots:
         thread = threading.Thread(target=_copy_out, args=(self._flat, copied, result), name="snapshot", daemon=True)
         thread.start()
         self._copying = thread
-        with self._lock:
-            self._pending[key] = (thread, result, tree)
+        self._begun.begin(key, (thread, result, tree))
 
     def take(self, key: int) -> HostState:
         """The snapshot begun as `key` (waits for its copy); older ones not taken are dropped.
         RuntimeError if none was begun as `key`."""
-        with self._lock:
-            if key not in self._pending:
-                raise RuntimeError(f"no snapshot was begun after step {key}: "
-                                   "call begin_snapshot before take_snapshot")
-            thread, result, tree = self._pending.pop(key)
-            self._pending = {k: pending for k, pending in self._pending.items() if k > key}
+        thread, result, tree = self._begun.take(key)
         thread.join()
         if "error" in result:
             raise result["error"]

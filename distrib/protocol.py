@@ -6,8 +6,9 @@ and the replica fills in exactly these shapes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 PHASES = ("data_s", "forward_s", "backward_s", "optimizer_s")
 """Timed phases of a replica's step, in seconds, in order; backward_s includes DDP's
@@ -125,3 +126,35 @@ class HostState:
 
     tree: object
     data: Any
+
+
+Taken = TypeVar("Taken")
+
+
+class SnapshotsBegun(Generic[Taken]):
+    """A replica's snapshots begun and not yet taken, by the steps done when begun: the driver
+    can queue the next checkpoint's begin before it takes the previous one's, when checkpoints
+    come more often than the steps it keeps queued. Begun on the replica's call thread, taken on
+    its snapshot thread, hence the lock."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._begun: dict[int, Taken] = {}
+
+    def begin(self, step: int, snapshot: Taken) -> None:
+        """Keep `snapshot` as begun after `step` steps; any begun at `step` or later (before a
+        rewind) are dropped."""
+        with self._lock:
+            self._begun = {k: v for k, v in self._begun.items() if k < step}
+            self._begun[step] = snapshot
+
+    def take(self, step: int) -> Taken:
+        """The snapshot begun after `step` steps; those begun before it and not taken are dropped.
+        RuntimeError if none was."""
+        with self._lock:
+            if step not in self._begun:
+                raise RuntimeError(f"no snapshot was begun after step {step}: "
+                                   "call begin_snapshot before take_snapshot")
+            snapshot = self._begun.pop(step)
+            self._begun = {k: v for k, v in self._begun.items() if k > step}
+        return snapshot

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import TYPE_CHECKING
 
 import ray
 
 from distrib import comm
 from distrib.config import RunConfig
 from distrib.faults import Fault
-from distrib.protocol import EvalRecord, NodeInfo, Position, StepRecord
-
-if TYPE_CHECKING:
-    from distrib.protocol import HostState
+from distrib.protocol import EvalRecord, HostState, NodeInfo, Position, StepRecord
 
 CONCURRENCY_GROUPS = {"probe": 1, "snapshot": 1}
 """The hang probe's thread and the snapshot taker's; every other call runs on the one default

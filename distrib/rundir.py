@@ -33,7 +33,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
@@ -41,10 +40,8 @@ from distrib import checkpoint, storage
 from distrib.config import RunConfig, to_dict
 from distrib.errors import ConfigError
 from distrib.metrics import EvalMetrics, StepMetrics
+from distrib.protocol import HostState
 from distrib.storage import LineLog, RemotePath
-
-if TYPE_CHECKING:
-    from distrib.protocol import HostState
 
 METRICS_UPLOAD_S = 10.0
 """On object storage, metrics.jsonl's last part is rewritten whole at most this often (a request per batch)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 import time
 import zlib
 
@@ -34,7 +33,7 @@ import ray
 from distrib import cadence, comm
 from distrib.config import RunConfig
 from distrib.faults import Fault, fire
-from distrib.protocol import PHASES, EvalRecord, Fingerprint, NodeInfo, Position, StepRecord
+from distrib.protocol import PHASES, EvalRecord, Fingerprint, NodeInfo, Position, SnapshotsBegun, StepRecord
 from distrib.replica import CONCURRENCY_GROUPS  # noqa: F401  (the threads group.py gives both kinds)
 
 SIM_SNAPSHOT_BYTES = 1 << 20
@@ -74,8 +73,7 @@ class SimReplica:
         self._faults: list[Fault] = []
         """The run's faults, every rank's: its own fire here; a peer's kill or error fails its step here."""
         self._recent: dict[int, StepRecord] = {}
-        self._snapshots: dict[int, bytes] = {}  # begun, by the steps done then; as hostcopy keeps them
-        self._snapshots_lock = threading.Lock()  # begun on the call thread, taken on the snapshot thread
+        self._snapshots: SnapshotsBegun[bytes] = SnapshotsBegun()
         self._timeline: list[tuple[str, int, float, float]] = []
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -226,21 +224,13 @@ class SimReplica:
 
     def begin_snapshot(self) -> None:
         """A snapshot as of now, between the steps queued before and after it; take_snapshot gives it."""
-        snapshot = self.snapshot()
-        with self._snapshots_lock:
-            self._snapshots = {k: v for k, v in self._snapshots.items() if k < self.next_step}
-            self._snapshots[self.next_step] = snapshot
+        self._snapshots.begin(self.next_step, self.snapshot())
 
     @ray.method(concurrency_group="snapshot")
     def take_snapshot(self, step: int) -> bytes:
         """The snapshot begun after `step` steps; older ones not taken are dropped. On its own
         thread, like the real one."""
-        with self._snapshots_lock:
-            if step not in self._snapshots:
-                raise RuntimeError(f"no snapshot was begun after step {step}")
-            snapshot = self._snapshots.pop(step)
-            self._snapshots = {k: v for k, v in self._snapshots.items() if k > step}
-        return snapshot
+        return self._snapshots.take(step)
 
     def _restore(self, payload: bytes, *, step: int) -> None:
         taken_at = snapshot_step(payload)
