@@ -376,16 +376,24 @@ class ReplicaGroup:
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, *, orderly: bool = False) -> None:
         """Kill the replicas and free their placement group; safe to call twice. `orderly`
-        (after a run that went well) first lets them close their data loaders, for up to
-        CLOSE_TIMEOUT_S.
+        (after a run that went well) first lets them close their data loaders and exit, for
+        up to CLOSE_TIMEOUT_S each.
 
         Killing, not a polite leave of the process group: after a failure a peer may be
         stuck inside a collective, and a polite leave would wait for it."""
         self._drains.stop()
+        to_kill = list(self._replicas)
         if orderly and self._replicas:
             ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
+            # Then let each exit on its own, and kill only those that did not: ray.kill sends
+            # SIGTERM first, and Ray's handler for it, landing inside a garbage-collector
+            # callback, prints a traceback that reaches the driver's terminal after the run's
+            # last line.
+            leaving = [replica.__ray_terminate__.remote() for replica in self._replicas]
+            _, exited = self.consume(leaving, CLOSE_TIMEOUT_S)
+            to_kill = [replica for replica, ref in zip(self._replicas, leaving) if ref not in exited]
         joining = [actor for actor, *_ in self._joining]
-        for replica in self._replicas + self._spares.actors() + joining:
+        for replica in to_kill + self._spares.actors() + joining:
             try:
                 ray.kill(replica, no_restart=True)
             except Exception:  # already dead: nothing left to free

@@ -100,6 +100,26 @@ def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, uninter
     assert_bit_identical(resumed, uninterrupted)
 
 
+def test_an_orderly_end_lets_the_replicas_exit_rather_than_killing_them(tmp_path):
+    """ray.kill sends SIGTERM first, and Ray's handler for it, landing inside a garbage-collector
+    callback, printed a traceback after a stopped run's last line (1 run in 12). After a run
+    that went well each replica exits on its own, so none is sent a signal."""
+    with Orchestrator(stop_cfg(tmp_path / "run", steps=2, **UNCHECKED), progress=False) as orch:
+        orch.train()
+        actor_ids = [replica._actor_id.hex() for replica in orch.replicas]
+    # The public state API (ray.util.state) needs the dashboard, which these tests do not start.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        infos = [ray._private.state.actors(actor_id) for actor_id in actor_ids]
+        if all(info["State"] == "DEAD" for info in infos):
+            break
+        time.sleep(0.1)
+    causes = [str(info["DeathCause"]) for info in infos]
+    assert len(causes) == 2
+    for cause in causes:
+        assert "INTENDED_USER_EXIT" in cause and "RAY_KILL" not in cause, cause
+
+
 def test_reading_the_state_between_checks_changes_no_number(tmp_path):
     """A state read is a check (a fingerprint) and a copy. At a step where the run does not
     check, it leaves every rank's own BatchNorm statistics as they were: the run ends
