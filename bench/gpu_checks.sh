@@ -6,7 +6,8 @@
 #         calls and the step each follows), bench/snapshot_pause.py at 224 and 64 px (the time a
 #         mid-run snapshot costs the replica, then its check alone at the same steps);
 #   data: the GPU tests of the JPEG path, bench/gpu_data_overlap.py (each stage of the nvjpeg
-#         path beside a step, then a bare loop fed by the pipeline against synthetic data);
+#         path beside a step, then a bare loop fed by the pipeline against synthetic data),
+#         bench/checksum_cost.py (a check's checksums, per tensor against fused);
 #   all: both (about 8 minutes on an H200).
 # Measured in earlier sessions and left out to fit the lease:
 #   python bench/gpu_data.py --rounds 1 --decoders nvjpeg    # distrib trained on JPEGs against synthetic data
@@ -37,4 +38,5 @@ if [[ $part == data || $part == all ]]; then
     timeout 60 python -m pytest -q -p no:cacheprovider -m gpu -k nvjpeg tests/test_gpu.py tests/test_jpeg.py 2>&1 \
         | tail -5 | tee -a "$log"
     timeout 150 python bench/gpu_data_overlap.py --rounds 2 2>&1 | quiet
+    timeout 40 python bench/checksum_cost.py --device cuda 2>&1 | quiet
 fi

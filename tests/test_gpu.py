@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distrib import Orchestrator, RunConfig
-from distrib.digest import device_checksum
+from distrib.digest import device_checksum, device_checksums
 from distrib.tutorial import seed_step
 from tests.conftest import assert_bit_identical, flat_state
 
@@ -45,6 +45,9 @@ def test_device_checksum_matches_the_cpu_and_sees_changes():
     tensor = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     on_gpu = tensor.cuda()
     assert int(device_checksum(on_gpu)) == int(device_checksum(tensor))
+    counts = torch.arange(5, dtype=torch.int64)  # the fused checksums, two element sizes, match too
+    assert device_checksums([on_gpu, counts.cuda()]).tolist() == [int(device_checksum(tensor)),
+                                                                    int(device_checksum(counts))]
     on_gpu[1234] = torch.nextafter(on_gpu[1234], torch.tensor(math.inf, device="cuda"))
     assert int(device_checksum(on_gpu)) != int(device_checksum(tensor))
 

@@ -8,7 +8,7 @@ import torchvision
 
 from distrib import data
 from distrib.config import ConfigError, RunConfig
-from distrib.digest import device_checksum, host_checksum
+from distrib.digest import device_checksum, device_checksums, host_checksum
 from distrib.metrics import aggregate, summarize
 from distrib.model import load_weights
 from distrib.protocol import shards_of
@@ -78,6 +78,25 @@ def test_checksum_sees_any_single_element_change(dtype, checksum):
     swapped = tensor.clone()
     swapped[[3, 4]] = swapped[[4, 3]]
     assert checksum(swapped) != base  # position matters, not just the multiset
+
+
+def test_fused_device_checksums_equal_the_per_tensor_ones():
+    """The fused checksums (a few kernels per element size) give device_checksum's value for
+    each tensor, in order, whatever the mix of sizes, dtypes, layouts and empty tensors; and
+    a changed element changes its own tensor's value only (the cached layout holds no values)."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.empty(0), torch.randn(3, 70000, generator=generator),
+               torch.randn(8, 3, 5, 5, generator=generator).to(memory_format=torch.channels_last),
+               torch.tensor(7, dtype=torch.int64), torch.randn(100, generator=generator).to(torch.bfloat16),
+               torch.randint(-2**40, 2**40, (999,), generator=generator), torch.randn(1, generator=generator),
+               torch.empty(0, dtype=torch.int64), torch.randn(65521 * 2 + 5, generator=generator)]
+    expected = [int(device_checksum(t)) for t in tensors]
+    assert device_checksums(tensors).tolist() == expected
+    assert device_checksums([]).tolist() == []
+    tensors[5][998] += 1
+    changed = device_checksums(tensors).tolist()
+    assert changed[5] != expected[5] and changed[:5] + changed[6:] == expected[:5] + expected[6:]
+    assert changed[5] == int(device_checksum(tensors[5]))
 
 
 def test_weights_file_is_checked_against_the_model(tmp_path):
