@@ -51,6 +51,8 @@ def start_s3(kind: str, data_dir: Path) -> subprocess.Popen:
     bin_dir = Path(sys.executable).parent
     if kind == "rclone":  # buckets are the folders of data_dir
         (data_dir / BUCKET).mkdir(parents=True)
+        # rclone refuses the AWS SDK's default streamed request checksums (MissingContentLength)
+        os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] = "when_required"
         command = [str(bin_dir / "rclone"), "serve", "s3", "--addr", f"127.0.0.1:{port}",
                    "--auth-key", "bench,bench", "--config", "/dev/null", str(data_dir)]
     else:

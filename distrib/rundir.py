@@ -134,8 +134,12 @@ class RunDir:
         return run
 
     def _write_config(self) -> None:
+        """The run's first write: ConfigError (one line, the fix) where the store refuses it."""
         text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
-        storage.write_whole(self.path / "config.yaml", [text.encode()])
+        try:
+            storage.write_whole(self.path / "config.yaml", [text.encode()])
+        except OSError as err:
+            raise ConfigError(storage.write_refused(self.path, err)) from None
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, step: int, taken: bytes | HostState) -> None:

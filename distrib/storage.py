@@ -119,8 +119,11 @@ class RemotePath:
         """Nothing to do: a folder appears with its first object."""
 
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.key) as stream:
-            return stream.read()
+        """The whole object, in one GET after a HEAD for its size. (A stream's read() of a 94 MB
+        checkpoint took 1.1-2.4 s and 0.5 s of CPU from a local S3 server, 10 s from moto's;
+        this, 0.3-0.4 s and 0.2 s.)"""
+        with self.fs.open_input_file(self.key) as file:
+            return file.read()
 
     def read_text(self) -> str:
         return self.read_bytes().decode()
@@ -337,6 +340,15 @@ def check_writable(location: str, *, what: str = "run_dir") -> None:
     if not found:
         raise ConfigError(f"{what}: {location!r} is invalid: bucket {bucket!r} does not exist; create it first "
                           "(distrib does not create buckets) or fix the name")
+
+
+def write_refused(path: Path | RemotePath, err: OSError) -> str:
+    """One line for a run directory the store would not let the driver write to, with the fix."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "MissingContentLength" in reason:  # a server older than the AWS SDK's default request checksums
+        return (f"run_dir: {str(path)!r} cannot be written: the S3 server refused the upload's checksum "
+                "encoding (MissingContentLength); set AWS_REQUEST_CHECKSUM_CALCULATION=when_required")
+    return f"run_dir: {str(path)!r} cannot be written: {reason}; check the path and its permissions"
 
 
 def _aws_credentials_found() -> bool:

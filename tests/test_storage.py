@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from distrib import Orchestrator, RunConfig, checkpoint, config, storage
+from distrib.errors import ConfigError
 from tests.conftest import assert_bit_identical, flat_state
 
 BUCKET = "distrib-runs"
@@ -163,6 +164,49 @@ def test_a_bad_uri_is_one_line_and_exit_2_before_ray_starts(s3_env, tmp_path, ar
     assert stderr.count("\n") == 1 and stderr.startswith("distrib: error: ") and message in stderr, stderr
     assert "AWS_SECRET_ACCESS_KEY=" not in stderr and "testing" not in stderr  # no secret in a message
     assert time.monotonic() - started < 20  # a local Ray start alone takes longer than the check
+
+
+def test_a_store_that_refuses_the_sdks_checksums_is_one_line_with_the_fix(tmp_path, monkeypatch):
+    """`rclone serve s3` (as some S3-compatible servers) refuses the AWS SDK's default streamed
+    request checksums with MissingContentLength: the run's first write names the setting that
+    fixes it, instead of a traceback; with it set, the same store takes the run."""
+    from distrib.comm import free_port
+    from distrib.rundir import RunDir
+
+    port = free_port()
+    (tmp_path / "store" / BUCKET).mkdir(parents=True)
+    rclone = str(Path(sys.executable).parent / "rclone")
+    server = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", "testing,testing",
+                               "--config", "/dev/null", str(tmp_path / "store")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    cfg = RunConfig(run_dir=f"s3://{BUCKET}/run")
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the server answers
+            try:
+                if storage.locate(f"s3://{BUCKET}").exists():
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "rclone serve s3 did not start"
+            time.sleep(0.2)
+        with pytest.raises(ConfigError) as refused:
+            RunDir.create(cfg)
+        assert str(refused.value) == (f"run_dir: 's3://{BUCKET}/run' cannot be written: the S3 server refused the "
+                                      "upload's checksum encoding (MissingContentLength); set "
+                                      "AWS_REQUEST_CHECKSUM_CALCULATION=when_required")
+        monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+        RunDir.create(cfg).close()
+        assert (tmp_path / "store" / BUCKET / "run" / "config.yaml").is_file()
+    finally:
+        gc.collect()  # no S3 filesystem may outlive pyarrow's finalizer (see s3_env)
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_gcs_credentials_are_found_where_googles_default_chain_looks(tmp_path, monkeypatch):
