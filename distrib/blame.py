@@ -12,7 +12,7 @@ import time
 
 import ray
 
-from distrib.errors import ReplicaError
+from distrib.errors import ReplicaError, first_line
 from distrib.protocol import Position
 
 DEAD_PEER_GRACE_S = 2.0
@@ -114,8 +114,3 @@ def cause_of(err: ray.exceptions.RayError) -> str:
     cause = getattr(err, "cause", None) or err
     text = OUT_OF_DISK if isinstance(cause, ray.exceptions.OutOfDiskError) else first_line(cause)
     return f"{type(cause).__name__}: {text}"
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -52,9 +52,10 @@ def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
         by_size.setdefault(tensor.element_size(), []).append(index)
     for indices in by_size.values():
         group = [raw_bits(tensors[i]) for i in indices]
-        layout = _layout(tuple(bits.numel() for bits in group), tuple(indices), device)
-        if layout.ends[-1] == 0:
+        numels = tuple(bits.numel() for bits in group)
+        if not any(numels):
             continue  # only empty tensors: their sums are 0
+        layout = _layout(numels, tuple(indices), device)
         running = torch.cat(group).to(torch.int64).mul_(layout.weights).cumsum_(0)
         totals = torch.where(layout.ends_on_device > 0, running[layout.ends_on_device - 1], 0)
         sums[layout.indices] = totals - torch.cat([totals.new_zeros(1), totals[:-1]])
@@ -63,8 +64,7 @@ def device_checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 class _Layout(NamedTuple):
     weights: torch.Tensor  # device_checksum's weights of each tensor's elements, end to end
-    ends: tuple[int, ...]  # where each tensor ends in the flat bits
-    ends_on_device: torch.Tensor  # the same, on the device
+    ends_on_device: torch.Tensor  # where each tensor ends in the flat bits
     indices: torch.Tensor  # the tensors' places in the list given
 
 
@@ -78,8 +78,8 @@ def _layout(numels: tuple[int, ...], indices: tuple[int, ...], device: torch.dev
         if len(_LAYOUTS) >= 8:  # another model or device: free the old ones' weights
             _LAYOUTS.clear()
         weights = torch.cat([torch.arange(n, device=device, dtype=torch.int64) % 65521 + 1 for n in numels])
-        ends = tuple(itertools.accumulate(numels))
-        _LAYOUTS[key] = _Layout(weights, ends, torch.tensor(ends, device=device), torch.tensor(indices, device=device))
+        ends = torch.tensor(list(itertools.accumulate(numels)), device=device)
+        _LAYOUTS[key] = _Layout(weights, ends, torch.tensor(indices, device=device))
     return _LAYOUTS[key]
 
 

@@ -61,3 +61,9 @@ class StoppedAtOnce(BaseException):
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
         self.signal_name = signal_name
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's text (a store's or a replica's run to several), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

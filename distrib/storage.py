@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import pyarrow
 import pyarrow.fs as pafs
 
-from distrib.errors import ConfigError
+from distrib.errors import ConfigError, first_line
 
 
 def is_uri(location: str | Path) -> bool:
@@ -335,8 +335,7 @@ def check_writable(location: str, *, what: str = "run_dir") -> None:
     try:
         found = path.fs.get_file_info(bucket).type != pafs.FileType.NotFound
     except OSError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{what}: {location!r} cannot be reached: {reason}") from None
+        raise ConfigError(f"{what}: {location!r} cannot be reached: {first_line(err)}") from None
     if not found:
         raise ConfigError(f"{what}: {location!r} is invalid: bucket {bucket!r} does not exist; create it first "
                           "(distrib does not create buckets) or fix the name")
@@ -344,7 +343,7 @@ def check_writable(location: str, *, what: str = "run_dir") -> None:
 
 def write_refused(path: Path | RemotePath, err: OSError) -> str:
     """One line for a run directory the store would not let the driver write to, with the fix."""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    reason = first_line(err)
     if "MissingContentLength" in reason:  # a server older than the AWS SDK's default request checksums
         return (f"run_dir: {str(path)!r} cannot be written: the S3 server refused the upload's checksum "
                 "encoding (MissingContentLength); set AWS_REQUEST_CHECKSUM_CALCULATION=when_required")
