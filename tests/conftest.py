@@ -19,13 +19,62 @@ RAY_DISK_THRESHOLD_VAR = "RAY_local_fs_capacity_threshold"  # Ray's own spelling
 os.environ.setdefault(RAY_DISK_THRESHOLD_VAR, "1")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray instance with 4 logical CPUs (2 replicas plus room), for one test module."""
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
+LOCAL_CPUS = 4
+"""The shared local Ray instance's logical CPUs: 2 replicas plus room (a spare, a third rank)."""
+IDLE_WAIT_S = 10
+"""How long a module waits for the last one's replicas to hand their CPUs back."""
+
+
+SHARED_RAY_MODULES = pytest.StashKey[set]()
+"""The test modules that use ray_local, found at collection."""
+_shared_ray_up = False
+"""Whether the shared instance is the Ray instance this process is connected to."""
+
+
+@pytest.fixture(scope="session")
+def _local_ray_session():
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_local_ray_session):
+    """A local Ray instance with LOCAL_CPUS logical CPUs, shared by the modules that use it
+    (pytest_collection_modifyitems runs them one after another): each start and shutdown
+    costs ~7 s and ~8 CPU-seconds. A module finds it idle, or gets a fresh one: if what an
+    earlier module left (an actor, a placement group) still holds CPUs after IDLE_WAIT_S, it
+    is restarted, so one module's failure cannot starve the next. The first module after them
+    starts without it (pytest_runtest_setup), as modules with a Ray instance of their own expect."""
+    global _shared_ray_up
+    if _shared_ray_up and not _all_cpus_free(IDLE_WAIT_S):
+        ray.shutdown()
+        _shared_ray_up = False
+    if not _shared_ray_up:
+        ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
+        _shared_ray_up = True
+    yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Shut the shared instance down before the first test of a module that does not use it."""
+    global _shared_ray_up
+    if _shared_ray_up and item.module not in item.config.stash[SHARED_RAY_MODULES]:
+        ray.shutdown()
+        _shared_ray_up = False
+
+
+def _all_cpus_free(timeout_s: float) -> bool:
+    """Whether the shared instance's CPUs are all free, waiting up to timeout_s for them."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < LOCAL_CPUS:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @pytest.fixture
@@ -52,7 +101,12 @@ def photos_folder(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests skip cleanly where torch sees no CUDA device (CI has none)."""
+    """The modules that use the shared local Ray instance (ray_local) run first, one after
+    another, in their usual order, then the others; GPU tests skip cleanly where torch sees no
+    CUDA device (CI has none)."""
+    uses_local_ray = {item.module for item in items if "ray_local" in item.fixturenames}
+    config.stash[SHARED_RAY_MODULES] = uses_local_ray
+    items.sort(key=lambda item: item.module not in uses_local_ray)  # stable: order kept within each part
     import torch
 
     if torch.cuda.is_available():
