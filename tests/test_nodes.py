@@ -100,15 +100,17 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     from ray.core.generated import autoscaler_pb2
 
     # batchnorm: train (the default): the snapshot falls between two checks (check_every 2) one
-    # time in two, and then carries each rank's own running statistics. 40 steps: the drain is
-    # polled once a second, and the run must still be going when it is seen.
-    with Orchestrator(node_cfg(tmp_path / "ref", steps=40), progress=False) as orch:
+    # time in two, and then carries each rank's own running statistics. The drain is polled once
+    # a second, and the run must still be going when it is seen: from step 3 on, rank 0 takes
+    # 0.2 s longer a step (a `slow` fault: its numbers do not change), so a fast machine does
+    # not finish the 20 steps first.
+    with Orchestrator(node_cfg(tmp_path / "ref", steps=20), progress=False) as orch:
         orch.train()
         uninterrupted = flat_state(orch.state())
     cluster.add_node(num_cpus=1)  # a third node to move to (SPREAD may also have used it from the start)
     cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
-    with Orchestrator(node_cfg(run_dir, checkpoint_every=100, steps=40), progress=False) as orch:
+    with Orchestrator(node_cfg(run_dir, checkpoint_every=100, steps=20, faults="slow:0@3"), progress=False) as orch:
         training = Training(orch)
         training.start()
         deadline = time.monotonic() + 120
@@ -130,7 +132,7 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     assert "node being drained by Ray (a preemption notice)" in event["cause"] and event["ranks"] == [1]
     assert event["restored_step"] == event["step"] and event["steps_redone"] == 0  # a snapshot at the step reached
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(40))  # each step once: nothing redone
+    assert steps == list(range(20))  # each step once: nothing redone
 
 
 def test_lost_node_is_healed_by_a_spare_on_another_node(cluster, tmp_path):
