@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from distrib.config import RunConfig
 from distrib.errors import PlacementError
@@ -143,17 +143,23 @@ def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Ca
     deadline = time.monotonic() + cfg.start_timeout_s
     ready = placement.ready()
     polled = time.monotonic()
-    while not ray.wait([ready], timeout=min(PLACEMENT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
-        check_abort()
-        if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
-            continue
-        polled = time.monotonic()
-        spares = f" + {cfg.spare_workers} spare" if cfg.spare_workers else ""
-        want = f"{cfg.num_workers}{spares} x {bundle} ({cfg.placement_strategy})"
-        have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        if time.monotonic() >= deadline:
-            raise PlacementError(
-                f"could not place {want} within {cfg.start_timeout_s:g} s; the cluster has {have} free: "
-                "lower num_workers, spare_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
-        say(f"waiting for resources: {want}; free now: {have}")
+    try:
+        while not ray.wait([ready], timeout=min(PLACEMENT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
+            check_abort()
+            if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
+                continue
+            polled = time.monotonic()
+            spares = f" + {cfg.spare_workers} spare" if cfg.spare_workers else ""
+            want = f"{cfg.num_workers}{spares} x {bundle} ({cfg.placement_strategy})"
+            have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            if time.monotonic() >= deadline:
+                raise PlacementError(
+                    f"could not place {want} within {cfg.start_timeout_s:g} s; the cluster has {have} free: "
+                    "lower num_workers, spare_workers or cpus_per_worker, add nodes, or raise start_timeout_s")
+            say(f"waiting for resources: {want}; free now: {have}")
+    except BaseException:
+        # A request left pending would take its bundles once they free up, for as long as this driver
+        # lives (a sweep's next points, a notebook): withdraw it.
+        remove_placement_group(placement)
+        raise
     return placement

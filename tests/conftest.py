@@ -41,12 +41,12 @@ def _local_ray_session():
 def ray_local(_local_ray_session):
     """A local Ray instance with LOCAL_CPUS logical CPUs, shared by the modules that use it
     (pytest_collection_modifyitems runs them one after another): each start and shutdown
-    costs ~7 s and ~8 CPU-seconds. A module finds it idle, or gets a fresh one: if what an
-    earlier module left (an actor, a placement group) still holds CPUs after IDLE_WAIT_S, it
-    is restarted, so one module's failure cannot starve the next. The first module after them
-    starts without it (pytest_runtest_setup), as modules with a Ray instance of their own expect."""
+    costs ~7 s and ~8 CPU-seconds. A module finds it idle, or gets a fresh one: if an earlier
+    module left a placement group or CPUs held after IDLE_WAIT_S, it is restarted, so one
+    module's leak cannot starve the next. The first module after them starts without it
+    (pytest_runtest_setup), as modules with a Ray instance of their own expect."""
     global _shared_ray_up
-    if _shared_ray_up and not _all_cpus_free(IDLE_WAIT_S):
+    if _shared_ray_up and not _idle(IDLE_WAIT_S):
         ray.shutdown()
         _shared_ray_up = False
     if not _shared_ray_up:
@@ -65,12 +65,17 @@ def pytest_runtest_setup(item):
         _shared_ray_up = False
 
 
-def _all_cpus_free(timeout_s: float) -> bool:
-    """Whether the shared instance's CPUs are all free, waiting up to timeout_s for them."""
+def _idle(timeout_s: float) -> bool:
+    """Whether the shared instance holds no placement group and has all its CPUs free, waiting up
+    to timeout_s for the last module's to go. A placement group still pending counts: it would
+    take CPUs as soon as they free up."""
     import time
 
+    from ray.util.placement_group import placement_group_table
+
     deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < LOCAL_CPUS:
+    while (ray.available_resources().get("CPU", 0) < LOCAL_CPUS
+           or any(pg["state"] != "REMOVED" for pg in placement_group_table().values())):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)

@@ -120,7 +120,7 @@ def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):
 
 def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
     from distrib import PlacementError
 
@@ -138,6 +138,8 @@ def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
         (kept / "notes.txt").write_text("mine")
         with pytest.raises(PlacementError):
             Orchestrator(base_cfg(kept).replace(start_timeout_s=1), progress=False).start()
+        # Each failed start withdrew its request: none would take the CPUs the other job frees.
+        assert [pg["state"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"] == ["CREATED"]
     finally:
         remove_placement_group(other_job)
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
