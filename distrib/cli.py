@@ -132,9 +132,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.overrides)
     # Before Ray starts: what can never run is a one-line error in a second.
     preflight.check(cfg, local=not (args.address or os.environ.get("RAY_ADDRESS")))
+    orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)  # reads the checkpoint
     connect_ray(args.address)
     stop = _StopSignals()
-    orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)
     stop.orch = orch
     failure = None
     try:

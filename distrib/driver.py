@@ -43,14 +43,13 @@ from distrib.schedule import lr_at
 from distrib.stopping import StopRequest
 from distrib.watchers import Watchers
 
-CallKind = Literal["steps", cadence.BoundaryCall]
 
 @dataclass(frozen=True)
 class _Call:
     """A call queued on the replicas: `steps` (first, count), or a `check` or `checkpoint`
     after step first - 1 (a checkpoint also holds rank 0's snapshot ref)."""
 
-    kind: CallKind
+    kind: Literal["steps", cadence.BoundaryCall]
     first_step: int
     num_steps: int
     refs: list
@@ -74,6 +73,7 @@ class Orchestrator:
         self.cfg = cfg  # resolved (no `auto` left, run_dir made) by start()
         self.progress = progress
         self.resume_dir = resume_dir  # a path or a URI: Path() would turn s3://b/k into s3:/b/k
+        self._resume_from = None if resume_dir is None else RunDir.newest_to_resume(resume_dir, say=self._say)
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []
@@ -108,8 +108,9 @@ class Orchestrator:
             connect_ray()
             cfg = comm.resolve_config(self.requested_cfg, cluster_gpus=cluster_gpus())
             preflight.check_cluster_fit(cfg)  # a cluster without an autoscaler names what it lacks at once
-            self.rundir = (RunDir.resume(self.resume_dir, cfg, say=self._say) if self.resume_dir is not None
-                           else RunDir.create(cfg))
+            self.rundir = (RunDir.resume(self.resume_dir, cfg, say=self._say, newest=self._resume_from)
+                           if self.resume_dir is not None else RunDir.create(cfg))
+            self._resume_from = None  # the run directory keeps it, as its snapshot, until the next one
             self.cfg = self.rundir.cfg
             self._hang_limit = HangLimit(self.cfg)
             self._recoveries = recovery.RecoveryLog(self.rundir.record_event, max_restarts=self.cfg.max_restarts)

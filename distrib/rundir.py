@@ -118,15 +118,24 @@ class RunDir:
         run._made_dir = made
         return run
 
-    @classmethod
-    def resume(cls, path: str | Path | RemotePath, cfg: RunConfig, *, say: Callable[[str], None]) -> RunDir:
-        """The run at `path`, rewound to its newest checkpoint that verifies (newer ones that do
-        not are skipped, each said); CheckpointError when none verifies or `cfg` changes the maths.
-        config.yaml is rewritten with `cfg`, so what --set changed holds for the next resume."""
-        path = storage.locate(path, what="--resume")
-        ckpt, skipped = checkpoint.newest_valid(path)
+    @staticmethod
+    def newest_to_resume(path: str | Path | RemotePath, *, say: Callable[[str], None]) -> checkpoint.Checkpoint:
+        """The newest checkpoint at `path` that verifies (newer ones that do not are skipped, each
+        said); CheckpointError when none does. Needs no Ray: the driver asks before it starts one,
+        so a run with nothing to resume fails in a second."""
+        ckpt, skipped = checkpoint.newest_valid(storage.locate(path, what="--resume"))
         for reason in skipped:
             say(f"skipping a checkpoint: {reason}")
+        return ckpt
+
+    @classmethod
+    def resume(cls, path: str | Path | RemotePath, cfg: RunConfig, *, say: Callable[[str], None],
+               newest: checkpoint.Checkpoint | None = None) -> RunDir:
+        """The run at `path`, rewound to `newest` (default: newest_to_resume); CheckpointError when
+        no checkpoint verifies or `cfg` changes the maths. config.yaml is rewritten with `cfg`, so
+        what --set changed holds for the next resume."""
+        path = storage.locate(path, what="--resume")
+        ckpt = newest if newest is not None else cls.newest_to_resume(path, say=say)
         checkpoint.check_compatible(ckpt, cfg.replace(run_dir=str(path)))
         run = cls(path, cfg, snapshot=Snapshot(ckpt.step, ckpt.payload))
         run.rewind(ckpt.step)

@@ -100,6 +100,9 @@ def test_out_of_restarts_is_a_clear_error(tmp_path):
 
 
 def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):
+    """Before any Ray: RAY_ADDRESS names a port nothing listens on, so a driver that tried to
+    connect first would fail on that instead (after Ray's own retries)."""
+    import os
     import subprocess
     import sys
 
@@ -112,7 +115,7 @@ def test_cli_resume_refuses_a_corrupt_run_clearly(tmp_path):
     path = checkpoint.write(run_dir, step=2, cfg=cfg, payload=b"x" * 100, keep=2)
     path.write_bytes(path.read_bytes()[:-10])  # truncated, as by a crash mid-copy
     done = subprocess.run([sys.executable, "-m", "distrib", "train", "--resume", str(run_dir)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": "127.0.0.1:9"})
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("distrib: error: no valid checkpoint in") and "is truncated" in last
