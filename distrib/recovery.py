@@ -16,7 +16,7 @@ finished step is redone, and the run goes on bit-identical to an uninterrupted o
 its source's, as each rank's own follow its own shards between checks).
 
 When no rank survives, or the heal itself fails, the driver falls back to a restart
-from the newest snapshot (driver.py). RecoveryLog keeps the breakdown of each
+from the newest snapshot (recovery_policy.py). RecoveryLog keeps the breakdown of each
 recovery and the run's goodput for events.jsonl and the summary.
 """
 
