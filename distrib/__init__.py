@@ -2,7 +2,6 @@
 
 from distrib.config import RunConfig
 from distrib.config import load as load_config
-from distrib.driver import Orchestrator
 from distrib.errors import (
     CheckpointError,
     ConfigError,
@@ -16,3 +15,14 @@ from distrib.errors import (
 __all__ = ["CheckpointError", "ConfigError", "DivergenceError", "Orchestrator", "PlacementError", "ReplicaError",
            "ReplicaTimeout", "RunConfig", "StoppedAtOnce", "load_config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Orchestrator on first use: every replica process imports this package (Ray loads
+    distrib.replica there), and the driver's modules (object storage's pyarrow among them)
+    cost each replica ~0.3 CPU-seconds it never uses."""
+    if name == "Orchestrator":
+        from distrib.driver import Orchestrator
+
+        return Orchestrator
+    raise AttributeError(f"module 'distrib' has no attribute {name!r}")

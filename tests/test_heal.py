@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import torch.multiprocessing as mp
 
@@ -99,17 +100,16 @@ def test_killed_replica_without_a_spare_is_replaced_by_a_fresh_actor(tmp_path, u
     assert_healed_once(run_dir, ranks=[0], replaced="fresh")
 
 
-def test_failure_between_checkpoints_redoes_nothing(tmp_path):
+def test_failure_between_checkpoints_redoes_nothing(tmp_path, uninterrupted):
     """With no snapshot to go back to (checkpoint_every: 0) a restart would redo every step;
-    a heal redoes none, with steps_per_call 2 and the kill in a call's second step."""
-    cfg = heal_cfg(tmp_path / "ref", checkpoint_every=0, steps_per_call=2, steps=8)
-    reference, _ = run(cfg)
+    a heal redoes none, with steps_per_call 2 and the kill in a call's second step. (Neither
+    setting changes a number: the uninterrupted run is the reference.)"""
     run_dir = tmp_path / "run"
-    healed, _ = run(cfg.replace(run_dir=str(run_dir), faults="kill:1@5"))
-    assert_bit_identical(healed, reference)
+    healed, _ = run(heal_cfg(run_dir, checkpoint_every=0, steps_per_call=2, faults="kill:1@3"))
+    assert_bit_identical(healed, uninterrupted)
     (event,) = events(run_dir)
     assert event["event"] == "heal" and event["steps_redone"] == 0
-    assert metric_steps(run_dir) == list(range(8))
+    assert metric_steps(run_dir) == list(range(6))
 
 
 def test_two_replicas_lost_at_once(tmp_path):
@@ -154,13 +154,14 @@ def shrunk_loss_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
 def test_a_shrunk_group_reports_the_global_batch_loss(tmp_path):
     """3 workers' shards on 2 ranks, one of which trains two: the step's loss as the driver
     combines the ranks' records (their mean, for cross-entropy: metrics.aggregate) is the
-    global batch's mean, as on 3 ranks, whichever number of shards a rank holds."""
+    global batch's mean, as one rank training all three shards reports it, whichever number
+    of shards a rank holds."""
     combined = {}
-    for world_size in (3, 2):
+    for world_size in (2, 1):
         mp.spawn(shrunk_loss_worker, args=(world_size, comm.free_port(), str(tmp_path)), nprocs=world_size)
         losses = [json.loads((tmp_path / f"{world_size}-{rank}.json").read_text()) for rank in range(world_size)]
         combined[world_size] = sum(losses) / world_size
-    assert combined[2] == pytest.approx(combined[3], rel=1e-6)
+    assert combined[2] == pytest.approx(combined[1], rel=1e-6)
 
 
 def test_deterministic_error_stops_instead_of_using_up_restarts(tmp_path):
@@ -174,8 +175,9 @@ def test_deterministic_error_stops_instead_of_using_up_restarts(tmp_path):
 
 def test_cli_failure_prints_one_clear_line_and_no_ray_tracebacks(tmp_path):
     run_dir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, "-m", "distrib", "train", "--no-progress", "--set", "device=cpu", "--set", "image_size=32",
+    done = subprocess.run(  # joined to this module's Ray: a local start of its own would add ~7 s
+        [sys.executable, "-m", "distrib", "train", "--no-progress", "--address", ray.get_runtime_context().gcs_address,
+         "--set", "device=cpu", "--set", "image_size=32",
          "--set", "batch_size_per_worker=4", "--set", "num_classes=10", "--set", "steps=6", "--set", "loader_workers=0",
          "--set", "faults=error:1@3", "--set", f"run_dir={run_dir}"],
         capture_output=True, text=True, timeout=300)

@@ -76,11 +76,18 @@ def remove_node_of_rank(cluster: Cluster, orch: Orchestrator, rank: int, *, at_s
     cluster.remove_node(node, allow_graceful=False)
 
 
-def test_lost_node_recovers_when_capacity_returns(cluster, tmp_path):
-    with Orchestrator(node_cfg(tmp_path / "ref"), progress=False) as orch:
+@pytest.fixture(scope="module")
+def uninterrupted_sync(cluster, tmp_path_factory) -> dict:
+    """node_cfg with batchnorm: sync, run without a fault: the reference of the two tests below."""
+    with Orchestrator(node_cfg(tmp_path_factory.mktemp("ref") / "run", batchnorm="sync"), progress=False) as orch:
         orch.train()
-        uninterrupted = flat_state(orch.state())
-    with Orchestrator(node_cfg(tmp_path / "run"), progress=False) as orch:
+        return flat_state(orch.state())
+
+
+def test_lost_node_recovers_when_capacity_returns(cluster, tmp_path, uninterrupted_sync):
+    """No spare and no node free: the heal cannot place a replacement, and the run restarts
+    from its snapshot once a node joins."""
+    with Orchestrator(node_cfg(tmp_path / "run", batchnorm="sync"), progress=False) as orch:
         assert len({n.node_id for n in orch.nodes}) == 2  # SPREAD: one replica per node
         training = Training(orch)
         training.start()
@@ -91,7 +98,7 @@ def test_lost_node_recovers_when_capacity_returns(cluster, tmp_path):
         assert training.error is None, training.error
         recovered = flat_state(orch.state())
     assert orch.restarts == 1
-    assert_bit_identical(recovered, uninterrupted)
+    assert_bit_identical(recovered, uninterrupted_sync)
 
 
 def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tmp_path):
@@ -135,10 +142,7 @@ def test_drained_node_is_left_at_a_step_boundary_with_nothing_redone(cluster, tm
     assert steps == list(range(20))  # each step once: nothing redone
 
 
-def test_lost_node_is_healed_by_a_spare_on_another_node(cluster, tmp_path):
-    with Orchestrator(node_cfg(tmp_path / "ref", batchnorm="sync"), progress=False) as orch:
-        orch.train()
-        uninterrupted = flat_state(orch.state())
+def test_lost_node_is_healed_by_a_spare_on_another_node(cluster, tmp_path, uninterrupted_sync):
     cluster.add_node(num_cpus=1)  # three nodes: two ranks and a spare, one on each
     cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
@@ -149,7 +153,7 @@ def test_lost_node_is_healed_by_a_spare_on_another_node(cluster, tmp_path):
         training.join(timeout=180)
         assert training.error is None, training.error
         healed = flat_state(orch.state())
-    assert_bit_identical(healed, uninterrupted)
+    assert_bit_identical(healed, uninterrupted_sync)
     (event,) = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "heal" and event["replaced"] == {"1": "spare"} and event["steps_redone"] == 0
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

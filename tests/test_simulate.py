@@ -17,15 +17,8 @@ from distrib.simulate import sim_config
 WORKERS = 16
 
 
-@pytest.fixture(scope="module")
-def ray_sim():
-    """A local Ray instance of its own: 16 simulated replicas reserve 0.01 CPU each."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-pytestmark = pytest.mark.usefixtures("ray_sim")
+# The shared local Ray instance: 16 simulated replicas reserve 0.01 CPU each.
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def lines(path) -> list[dict]:
@@ -67,7 +60,8 @@ def test_a_killed_simulated_replica_is_healed(tmp_path):
 
 def test_simulate_command_prints_the_figures():
     done = subprocess.run([sys.executable, "-m", "distrib", "simulate", "--workers", "4", "--step-ms", "5",
-                           "--steps", "20"], capture_output=True, text=True, timeout=120)
+                           "--steps", "20", "--address", ray.get_runtime_context().gcs_address],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for figure in ("driver cost per step:", "steps per second:", "calls per second:", "last result -> next call"):
         assert figure in done.stdout, done.stdout

@@ -27,12 +27,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def stop_cfg(run_dir: Path, **changes) -> RunConfig:
-    """Steps long enough (40) that a signal sent after a few of them lands mid-run.
+    """Steps long enough (20) that a signal sent after 6 of them lands mid-run: 14 steps are
+    still to run when the test, polling every 0.05 s, sends it (a step takes 0.3-0.5 s here).
 
     batchnorm: train (the default), where each rank's BatchNorm running statistics are its own
     between the run's checks: a stop's checkpoint must carry every rank's (bnstats.py)."""
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
-                     steps=40, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0,
+                     steps=20, lr=0.05, check_every=4, checkpoint_every=4, loader_workers=0,
                      run_dir=str(run_dir)).replace(**changes)
 
 
@@ -128,22 +129,22 @@ def test_reading_the_state_between_checks_changes_no_number(tmp_path):
     """A state read is a check (a fingerprint) and a copy. At a step where the run does not
     check, it leaves every rank's own BatchNorm statistics as they were: the run ends
     bit-identical to one never read."""
-    cfg = stop_cfg(tmp_path / "ref", steps=10)
+    cfg = stop_cfg(tmp_path / "ref", steps=6)
     with Orchestrator(cfg, progress=False) as orch:
         orch.train()
         reference = flat_state(orch.state())
     with Orchestrator(cfg.replace(run_dir=str(tmp_path / "read")), progress=False) as orch:
-        orch.train(num_steps=5)  # between the run's checks at 4 and 8
+        orch.train(num_steps=5)  # between the run's checks at 4 and its end
         orch.state()
         orch.train()
         assert_bit_identical(flat_state(orch.state()), reference)
 
 
 def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path):
-    """Rank 0 hangs at step 9, so the graceful stop cannot finish; the second SIGTERM ends it."""
+    """Rank 0 hangs at step 5, so the graceful stop cannot finish; the second SIGTERM ends it."""
     run_dir = tmp_path / "run"
-    proc = start_cli(stop_cfg(run_dir, faults="stall:0@9"), tmp_path)
-    wait_for_steps(run_dir, 9, proc)
+    proc = start_cli(stop_cfg(run_dir, faults="stall:0@5"), tmp_path)
+    wait_for_steps(run_dir, 5, proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1.0)
@@ -153,21 +154,21 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - signalled < 10
     assert proc.returncode == 143, stderr[-3000:]
-    assert re.search(r"distrib: stopped at once by a second SIGTERM after 9 steps; the newest checkpoint is "
-                     r"step-00000008\.ckpt; resume with: distrib train --resume ", stderr), stderr[-3000:]
+    assert re.search(r"distrib: stopped at once by a second SIGTERM after 5 steps; the newest checkpoint is "
+                     r"step-00000004\.ckpt; resume with: distrib train --resume ", stderr), stderr[-3000:]
     ckpt, skipped = checkpoint.newest_valid(run_dir)
-    assert ckpt.step == 8 and not skipped
+    assert ckpt.step == 4 and not skipped
 
 
 def test_stop_grace_bounds_a_stop_that_cannot_finish(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start_cli(stop_cfg(run_dir, faults="stall:1@9", stop_grace_s=2.0), tmp_path)
-    wait_for_steps(run_dir, 9, proc)
+    proc = start_cli(stop_cfg(run_dir, faults="stall:1@5", stop_grace_s=2.0), tmp_path)
+    wait_for_steps(run_dir, 5, proc)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert 2.0 <= time.monotonic() - signalled < 15
     assert proc.returncode == 143, stderr[-3000:]
-    assert re.search(r"distrib: stopped by SIGTERM after 9 steps without a new checkpoint \(.*stop_grace_s=2\.0.*\);"
-                     r" the newest checkpoint is step-00000008\.ckpt", stderr), stderr[-3000:]
-    assert checkpoint.newest_valid(run_dir)[0].step == 8
+    assert re.search(r"distrib: stopped by SIGTERM after 5 steps without a new checkpoint \(.*stop_grace_s=2\.0.*\);"
+                     r" the newest checkpoint is step-00000004\.ckpt", stderr), stderr[-3000:]
+    assert checkpoint.newest_valid(run_dir)[0].step == 4

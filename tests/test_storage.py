@@ -72,14 +72,12 @@ def run_uri(s3_env, request) -> str:
     return f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}/run"
 
 
-@pytest.fixture(scope="module")
-def ray_small():
+@pytest.fixture
+def ray_address(ray_local) -> str:
+    """The shared local Ray instance's address, for the CLI runs to join."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    return ray.get_runtime_context().gcs_address
 
 
 def distrib_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
@@ -231,7 +229,7 @@ def s3_cfg(run_dir: str, **changes) -> RunConfig:
                      run_dir=run_dir).replace(**changes)
 
 
-def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small, tmp_path):
+def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_address, tmp_path):
     import torch
 
     # The reference runs on local storage: where the files go does not change the numbers.
@@ -242,7 +240,7 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small
     uri = f"s3://{BUCKET}/killed"
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(config.to_dict(s3_cfg(uri, tensorboard=True))))
-    proc = distrib_cli("train", "--config", str(cfg_file), "--no-progress", "--address", ray_small)
+    proc = distrib_cli("train", "--config", str(cfg_file), "--no-progress", "--address", ray_address)
     marker = checkpoint.checkpoint_dir(uri) / checkpoint.MARKER
     deadline = time.monotonic() + 180
     while not (marker.is_file() and json.loads(marker.read_text())["step"] >= 8):
@@ -255,7 +253,7 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_small
     assert killed_at < 16
 
     # From "any machine": nothing but the URI and the environment; this process's files are not used.
-    resumed = distrib_cli("train", "--resume", uri, "--no-progress", "--address", ray_small, cwd=str(tmp_path))
+    resumed = distrib_cli("train", "--resume", uri, "--no-progress", "--address", ray_address, cwd=str(tmp_path))
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     assert f"run directory: {uri}" in stdout

@@ -26,12 +26,18 @@ def all_rank_states(orch: Orchestrator) -> list[dict]:
     return ray.get([replica.state.remote() for replica in orch.replicas])
 
 
-def test_two_replicas_stay_bit_identical(small_cfg):
+def test_two_replicas_stay_bit_identical_and_a_divergence_is_named(small_cfg):
     with Orchestrator(small_cfg, progress=False) as orch:
         initial = flat_state(all_rank_states(orch)[0])
         metrics = orch.train()
         rank0, rank1 = (flat_state(s) for s in all_rank_states(orch))
         run_dir = orch.run_dir
+        # The check compares every rank's fingerprint with rank 0's: one changed checksum is named.
+        prints = ray.get([r.fingerprint.remote() for r in orch.replicas])
+        name, value = prints[1][5]
+        prints[1][5] = (name, value + 1)
+        with pytest.raises(DivergenceError, match=rf"rank 1 \(node .*\) differs from rank 0, first in {name}"):
+            orch.compare(prints, after_step=3)
     assert [m.step for m in metrics] == [0, 1, 2, 3]
     assert orch.checks_passed >= 3  # start-up, after step 1, after step 3
     assert rank0.keys() == rank1.keys() and any(k.startswith("momentum.") for k in rank0)
@@ -44,8 +50,10 @@ def test_two_replicas_stay_bit_identical(small_cfg):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
 
 
-@pytest.mark.parametrize(("loss", "data_source"), [("cross_entropy", "synthetic"), ("sum", "synthetic"),
-                                                    ("cross_entropy", "fake")])
+# Each loss and each kind of data once (the sum loss takes synthetic data only): the sum loss's
+# rescale and a dataset's sharding are independent, and either one wrong breaks its case by
+# orders of magnitude.
+@pytest.mark.parametrize(("loss", "data_source"), [("sum", "synthetic"), ("cross_entropy", "fake")])
 def test_n_workers_equal_one_worker_on_the_same_global_batch(small_cfg, tmp_path, loss, data_source):
     """2 workers x batch 4 == 1 worker x batch 8, up to float32 summation order.
 
@@ -94,15 +102,6 @@ def test_weights_file_reaches_every_replica(small_cfg, tmp_path):
         states = [flat_state(s) for s in all_rank_states(orch)]
     for state in states:
         assert torch.equal(state["model.conv1.weight"], weights["conv1.weight"])
-
-
-def test_divergence_is_named(small_cfg):
-    with Orchestrator(small_cfg, progress=False) as orch:
-        prints = ray.get([r.fingerprint.remote() for r in orch.replicas])
-        name, value = prints[1][5]
-        prints[1][5] = (name, value + 1)
-        with pytest.raises(DivergenceError, match=rf"rank 1 \(node .*\) differs from rank 0, first in {name}"):
-            orch.compare(prints, after_step=3)
 
 
 def test_image_folder_data(small_cfg, tmp_path):
