@@ -19,8 +19,12 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def base_cfg(run_dir) -> RunConfig:
+    """A learning-rate schedule too (a warm-up step, then halved at steps 2 and 4): a resumed or
+    restarted run must take it up at the step it restores, as the driver owns the schedule."""
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
-                     steps=6, lr=0.05, check_every=2, checkpoint_every=2, loader_workers=0, run_dir=str(run_dir))
+                     steps=6, lr=0.05, lr_schedule="step", lr_milestones=(2, 4), lr_gamma=0.5, warmup_steps=1,
+                     lr_scaling="linear", base_batch_size=4, check_every=2, checkpoint_every=2, loader_workers=0,
+                     run_dir=str(run_dir))
 
 
 def final_state(orch: Orchestrator) -> dict:
@@ -53,6 +57,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, uninterrupted):
         resumed = final_state(orch)
     assert_bit_identical(resumed, uninterrupted)
     assert metric_steps(run_dir) == [0, 1, 2, 3, 4, 5]
+    # peak 0.05 x 8 / 4, a warm-up step, then halved at steps 2 and 4
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
     # the last K are kept (K = 2): the step-6 one and the step-4 one
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004.ckpt",
                                                                           "step-00000006.ckpt"]

@@ -225,7 +225,7 @@ def s3_cfg(run_dir: str, **changes) -> RunConfig:
     """No momentum: its buffers would double each checkpoint (to 90 MB), which moto moves at
     5-11 MB/s; test_stop covers their resume."""
     return RunConfig(num_workers=2, device="cpu", batch_size_per_worker=4, image_size=32, num_classes=10,
-                     steps=16, lr=0.05, momentum=0.0, check_every=4, checkpoint_every=8, loader_workers=0,
+                     steps=8, lr=0.05, momentum=0.0, check_every=2, checkpoint_every=4, loader_workers=0,
                      run_dir=run_dir).replace(**changes)
 
 
@@ -243,14 +243,14 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_addre
     proc = distrib_cli("train", "--config", str(cfg_file), "--no-progress", "--address", ray_address)
     marker = checkpoint.checkpoint_dir(uri) / checkpoint.MARKER
     deadline = time.monotonic() + 180
-    while not (marker.is_file() and json.loads(marker.read_text())["step"] >= 8):
+    while not (marker.is_file() and json.loads(marker.read_text())["step"] >= 4):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint at step 8 in time"
+        assert time.monotonic() < deadline, "no checkpoint at step 4 in time"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # the driver dies at once: no graceful stop, no final upload
     proc.wait()
     killed_at = json.loads(marker.read_text())["step"]
-    assert killed_at < 16
+    assert killed_at < 8
 
     # From "any machine": nothing but the URI and the environment; this process's files are not used.
     resumed = distrib_cli("train", "--resume", uri, "--no-progress", "--address", ray_address, cwd=str(tmp_path))
@@ -258,12 +258,12 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_addre
     assert resumed.returncode == 0, stderr[-3000:]
     assert f"run directory: {uri}" in stdout
     ckpt, skipped = checkpoint.newest_valid(uri)
-    assert ckpt.step == 16 and skipped == []
+    assert ckpt.step == 8 and skipped == []
     final = flat_state(torch.load(io.BytesIO(ckpt.payload), map_location="cpu", weights_only=True))
     assert_bit_identical(final, uninterrupted)
     root = storage.locate(uri)
     steps = [json.loads(line)["step"] for line in (root / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(16))  # every step once: the batched metrics were uploaded before each checkpoint
+    assert steps == list(range(8))  # every step once: the batched metrics were uploaded before each checkpoint
     # TensorBoard's files too: the resumed writer purges the steps redone after the checkpoint.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -279,11 +279,11 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_addre
     from distrib.report import report
 
     text, written = report([uri], f"s3://{BUCKET}/killed-report")
-    assert text.startswith("killed: 16 steps") and written
+    assert text.startswith("killed: 8 steps") and written
     assert sorted(p.name for p in storage.locate(f"s3://{BUCKET}/killed-report").iterdir()) == sorted(
         p.name for p in written) and all(p.read_bytes().startswith(b"\x89PNG") for p in written)
     out = export(uri, f"s3://{BUCKET}/models/killed.pth")
-    assert json.loads(storage.locate(f"s3://{BUCKET}/models/killed.json").read_text())["step"] == 16
+    assert json.loads(storage.locate(f"s3://{BUCKET}/models/killed.json").read_text())["step"] == 8
     exported = torch.load(io.BytesIO(out.read_bytes()), map_location="cpu", weights_only=True)
     assert torch.equal(exported["fc.weight"], final["model.fc.weight"])
 

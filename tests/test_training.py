@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-import torchvision
 
 from distrib import DivergenceError, Orchestrator
 from distrib.tutorial import plain_tutorial_step, seed_step
@@ -93,29 +92,24 @@ def test_tutorial_step_is_reproduced_exactly():
     assert other_loss != result.plain_loss  # the comparison is sensitive to the seed
 
 
-def test_weights_file_reaches_every_replica(small_cfg, tmp_path):
-    torch.manual_seed(123)
-    weights = torchvision.models.resnet18(num_classes=10).state_dict()
-    path = tmp_path / "w.pth"
-    torch.save(weights, path)
-    with Orchestrator(small_cfg.replace(weights=str(path)), progress=False) as orch:
-        states = [flat_state(s) for s in all_rank_states(orch)]
-    for state in states:
-        assert torch.equal(state["model.conv1.weight"], weights["conv1.weight"])
-
-
-def test_image_folder_data(small_cfg, tmp_path):
+def test_image_folder_of_odd_sizes_gives_square_samples(small_cfg, tmp_path):
+    """Images neither square nor image_size (40 x 48 PNGs) become image_size squares, so a batch
+    stacks, with or without augmentation. (Real-image runs through Ray: test_real_training.)"""
     from PIL import Image
+
+    from distrib.data import training_dataset
 
     for label in ("cat", "dog"):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 48), color=(i * 80, 10, 200 if label == "cat" else 0)).save(
                 tmp_path / "images" / label / f"{i}.png")
-    cfg = small_cfg.replace(data="folder", data_dir=str(tmp_path / "images"), num_classes=2, steps=2)
-    with Orchestrator(cfg, progress=False) as orch:
-        metrics = orch.train()
-    assert len(metrics) == 2 and all(m.loss > 0 for m in metrics)
+    for augment in ("none", "standard"):
+        cfg = small_cfg.replace(data="folder", data_dir=str(tmp_path / "images"), num_classes=2, augment=augment)
+        dataset = training_dataset(cfg)
+        samples = [dataset[(index, 0)] for index in range(len(dataset))]  # (index, position in the batch)
+        assert all(image.shape == (3, 32, 32) for image, _ in samples)
+        assert sorted(label for _, label in samples) == [0, 0, 0, 1, 1, 1]
 
 
 def test_cli_default_config_end_to_end(tmp_path):
