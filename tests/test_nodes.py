@@ -2,8 +2,9 @@
 
 One replica per node (SPREAD). When a node goes, the driver heals the group: a hot spare
 on another node takes the lost rank's place, or a fresh actor once the node's bundle is
-placed again (a node joins); with no capacity the heal and then a restart fail with a
-clear error within start_timeout_s each, and the checkpoint on disk stays loadable.
+placed again (a node joins: the heal gives up, and the restart waits); with no capacity a
+restart fails with a clear error within start_timeout_s, and the checkpoint on disk stays
+loadable.
 """
 
 from __future__ import annotations
@@ -163,8 +164,10 @@ def test_lost_node_is_healed_by_a_spare_on_another_node(cluster, tmp_path, unint
 def test_lost_node_without_capacity_ends_clearly(cluster, tmp_path):
     run_dir = tmp_path / "run"
     # start_timeout_s bounds the first start too: two replicas importing torch at once on two
-    # busy cores took more than 6 s there (a failure at start-up, not at the heal).
-    with Orchestrator(node_cfg(run_dir, start_timeout_s=15), progress=False) as orch:
+    # busy cores took more than 6 s there (a failure at start-up, not at the restart).
+    # recovery: restart, so the run waits once: a heal first would wait start_timeout_s for a
+    # replacement before the restart (test_lost_node_recovers_when_capacity_returns takes that path).
+    with Orchestrator(node_cfg(run_dir, start_timeout_s=15, recovery="restart"), progress=False) as orch:
         training = Training(orch)
         training.start()
         remove_node_of_rank(cluster, orch, 0, at_step=3)
