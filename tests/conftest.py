@@ -56,6 +56,13 @@ def ray_local(_local_ray_session):
     yield
 
 
+@pytest.fixture
+def ray_address(ray_local) -> str:
+    """The shared local Ray instance's address, for a CLI run (`--address`) to join rather than
+    start a local instance of its own (~7 s)."""
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Shut the shared instance down before the first test of a module that does not use it."""
@@ -159,6 +166,13 @@ def flat_state(state: dict):
     for index, entry in state["optimizer"]["state"].items():
         tensors[f"momentum.{index}"] = entry["momentum_buffer"]
     return tensors
+
+
+def all_rank_states(orch) -> list[dict]:
+    """Every rank's Replica.state(), after a check (which reconciles BatchNorm buffers, as every
+    state read does)."""
+    orch.check_consistency()
+    return ray.get([replica.state.remote() for replica in orch.replicas])
 
 
 def assert_bit_identical(ours: dict, theirs: dict) -> None:

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import torch.multiprocessing as mp
 
@@ -165,10 +164,10 @@ def test_deterministic_error_stops_instead_of_using_up_restarts(tmp_path):
     assert event["event"] == "heal" and event["replaced"] == {}
 
 
-def test_cli_failure_prints_one_clear_line_and_no_ray_tracebacks(tmp_path):
+def test_cli_failure_prints_one_clear_line_and_no_ray_tracebacks(tmp_path, ray_address):
     run_dir = tmp_path / "run"
-    done = subprocess.run(  # joined to this module's Ray: a local start of its own would add ~7 s
-        [sys.executable, "-m", "distrib", "train", "--no-progress", "--address", ray.get_runtime_context().gcs_address,
+    done = subprocess.run(
+        [sys.executable, "-m", "distrib", "train", "--no-progress", "--address", ray_address,
          "--set", "device=cpu", "--set", "image_size=32",
          "--set", "batch_size_per_worker=4", "--set", "num_classes=10", "--set", "steps=6", "--set", "loader_workers=0",
          "--set", "faults=error:1@3", "--set", f"run_dir={run_dir}"],

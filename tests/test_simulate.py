@@ -58,9 +58,9 @@ def test_a_killed_simulated_replica_is_healed(tmp_path):
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == list(range(10))  # each step once
 
 
-def test_simulate_command_prints_the_figures():
+def test_simulate_command_prints_the_figures(ray_address):
     done = subprocess.run([sys.executable, "-m", "distrib", "simulate", "--workers", "4", "--step-ms", "5",
-                           "--steps", "20", "--address", ray.get_runtime_context().gcs_address],
+                           "--steps", "20", "--address", ray_address],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for figure in ("driver cost per step:", "steps per second:", "calls per second:", "last result -> next call"):

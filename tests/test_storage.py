@@ -72,14 +72,6 @@ def run_uri(s3_env, request) -> str:
     return f"s3://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}/run"
 
 
-@pytest.fixture
-def ray_address(ray_local) -> str:
-    """The shared local Ray instance's address, for the CLI runs to join."""
-    import ray
-
-    return ray.get_runtime_context().gcs_address
-
-
 def distrib_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "distrib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, **popen)

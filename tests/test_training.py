@@ -14,15 +14,10 @@ import torch
 
 from distrib import DivergenceError, Orchestrator
 from distrib.tutorial import plain_tutorial_step, seed_step
-from tests.conftest import flat_state
+from tests.conftest import all_rank_states, flat_state
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def all_rank_states(orch: Orchestrator) -> list[dict]:
-    orch.check_consistency()  # reconciles BatchNorm buffers, as every state read does
-    return ray.get([replica.state.remote() for replica in orch.replicas])
 
 
 def test_two_replicas_stay_bit_identical_and_a_divergence_is_named(small_cfg):
