@@ -13,16 +13,20 @@ from distrib.errors import (
 )
 
 __all__ = ["CheckpointError", "ConfigError", "DivergenceError", "Orchestrator", "PlacementError", "ReplicaError",
-           "ReplicaTimeout", "RunConfig", "StoppedAtOnce", "load_config"]
+           "ReplicaTimeout", "RunConfig", "StoppedAtOnce", "keep_warm", "load_config"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """Orchestrator on first use: every replica process imports this package (Ray loads
-    distrib.replica there), and the driver's modules (object storage's pyarrow among them)
-    cost each replica ~0.3 CPU-seconds it never uses."""
+    """Orchestrator and keep_warm on first use: every replica process imports this package
+    (Ray loads distrib.replica there), and the driver's modules (object storage's pyarrow
+    among them) cost each replica ~0.3 CPU-seconds it never uses."""
     if name == "Orchestrator":
         from distrib.driver import Orchestrator
 
         return Orchestrator
+    if name == "keep_warm":
+        from distrib.warm import keep_warm
+
+        return keep_warm
     raise AttributeError(f"module 'distrib' has no attribute {name!r}")

@@ -133,6 +133,30 @@ class DrainWatch:
             self.draining = {node: deadline for node, deadline in drained.items() if node in node_ids}
 
 
+def kill_actors(actors: list) -> None:
+    """ray.kill each of `actors`, for good; those already dead are skipped."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead: nothing left to free
+            pass
+
+
+def end_actors(actors: list, timeout_s: float) -> None:
+    """Let each of `actors` exit on its own (idle ones do at once), and kill those that have not
+    within timeout_s. Not ray.kill first: it sends SIGTERM, and Ray's handler for it, landing
+    inside a garbage-collector callback, prints a traceback that reaches the driver's terminal
+    after the run's last line."""
+    leaving = [actor.__ray_terminate__.remote() for actor in actors]
+    ended, _ = ray.wait(leaving, num_returns=len(leaving), timeout=timeout_s)
+    for ref in ended:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:  # the exit reads as the actor's death: as meant
+            pass
+    kill_actors([actor for actor, ref in zip(actors, leaving) if ref not in ended])
+
+
 def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Callable[[], None]) -> PlacementGroup:
     """Reserve one bundle per worker and per spare; say what is missing while waiting, then
     fail clearly after start_timeout_s."""

@@ -36,8 +36,8 @@ import ray
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from distrib import blame
-from distrib.cluster import DrainWatch, place_bundles
+from distrib import blame, warm
+from distrib.cluster import DrainWatch, end_actors, kill_actors, place_bundles
 from distrib.config import RunConfig
 from distrib.errors import ReplicaError, ReplicaTimeout
 from distrib.faults import Fault
@@ -116,10 +116,15 @@ class ReplicaGroup:
         and set every rank up with `weights` and, if given, `snapshot` (taken after `first_step`
         steps). Spares build their models meanwhile; the group does not wait for them."""
         cfg = self.cfg
-        self._placement = place_bundles(self.cfg, say=self._say, check_abort=self.check_abort)
         self._weights = weights
-        self._replicas = [self._new_actor(bundle) for bundle in range(cfg.num_workers)]
-        self._bundles = list(range(cfg.num_workers))
+        kept = warm.take(cfg)  # a finished run's actors, reset (warm.py): no placement, no start-up
+        if kept is not None:
+            self._placement, self._replicas, self._bundles = kept.placement, kept.replicas, kept.bundles
+            self._actor_class = kept.actor_class
+        else:
+            self._placement = place_bundles(self.cfg, say=self._say, check_abort=self.check_abort)
+            self._replicas = [self._new_actor(bundle) for bundle in range(cfg.num_workers)]
+            self._bundles = list(range(cfg.num_workers))
         for bundle in range(cfg.num_workers, cfg.num_workers + cfg.spare_workers):
             self._spares.add(bundle)
         self._nodes = self.wait(self.call("node_info"), "start-up", cfg.start_timeout_s)
@@ -272,11 +277,7 @@ class ReplicaGroup:
     def kill(self, ranks: list[int]) -> None:
         """Kill the actors of `ranks` (already dead ones are skipped): their peers' collectives
         with them fail at once, as their connections close."""
-        for rank in ranks:
-            try:
-                ray.kill(self._replicas[rank], no_restart=True)
-            except Exception:  # already dead
-                pass
+        kill_actors([self._replicas[rank] for rank in ranks])
 
     def consume(self, refs: list, timeout_s: float) -> tuple[set, set]:
         """Wait up to `timeout_s` for `refs` (calls queued behind a failure) and take their
@@ -377,27 +378,24 @@ class ReplicaGroup:
     def stop(self, *, orderly: bool = False) -> None:
         """Kill the replicas and free their placement group; safe to call twice. `orderly`
         (after a run that went well) first lets them close their data loaders and exit, for
-        up to CLOSE_TIMEOUT_S each.
+        up to CLOSE_TIMEOUT_S each; inside warm.keep_warm it keeps a whole group instead.
 
         Killing, not a polite leave of the process group: after a failure a peer may be
         stuck inside a collective, and a polite leave would wait for it."""
         self._drains.stop()
+        whole = not (self._joining or self._starting) and self.world_size == self.cfg.num_workers
+        if orderly and whole and warm.wanted(self.cfg):  # keep them for the next run instead (warm.py)
+            resets = self.call("reset")
+            if warm.keep(warm.KeptGroup(warm.shape(self.cfg), self._placement, self._replicas, self._bundles,
+                                        self._actor_class), resets, timeout_s=CLOSE_TIMEOUT_S):
+                self._replicas, self._placement = [], None
+            self._unread += resets  # read below: done, or late and read once their actors are gone
         to_kill = list(self._replicas)
         if orderly and self._replicas:
             ray.wait(self.call("close"), num_returns=len(self._replicas), timeout=CLOSE_TIMEOUT_S)
-            # Then let each exit on its own, and kill only those that did not: ray.kill sends
-            # SIGTERM first, and Ray's handler for it, landing inside a garbage-collector
-            # callback, prints a traceback that reaches the driver's terminal after the run's
-            # last line.
-            leaving = [replica.__ray_terminate__.remote() for replica in self._replicas]
-            _, exited = self.consume(leaving, CLOSE_TIMEOUT_S)
-            to_kill = [replica for replica, ref in zip(self._replicas, leaving) if ref not in exited]
-        joining = [actor for actor, *_ in self._joining]
-        for replica in to_kill + self._spares.actors() + joining:
-            try:
-                ray.kill(replica, no_restart=True)
-            except Exception:  # already dead: nothing left to free
-                pass
+            end_actors(self._replicas, CLOSE_TIMEOUT_S)  # each exits, or is killed if it does not
+            to_kill = []
+        kill_actors(to_kill + self._spares.actors() + [actor for actor, *_ in self._joining])
         # Calls of lost ranks and probes nobody read: read now that every actor is gone, so Ray
         # prints no error for them.
         self.consume(self._unread + list(self._starting.values()) + self._spares.refs()

@@ -121,6 +121,16 @@ class Replica:
             for source in self._trainer.data:
                 source.close()
 
+    def reset(self) -> None:
+        """Close the data loader, leave the process group and drop the model: the actor is then
+        as a new one, with its imports done, for the next run of the same shape (warm.py)."""
+        import gc
+
+        self.close()
+        comm.leave_process_group()
+        self._trainer = None
+        gc.collect()  # the model, its optimizer state and DDP's buckets: ~0.3 GB, freed now
+
     @ray.method(concurrency_group="probe")
     def position(self) -> Position:
         """Where the replica is. Runs on its own thread, so it answers while a step hangs;

@@ -50,9 +50,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first use
-            # warn_only: the pooling backward of resnet18's head has no deterministic CUDA
-            # kernel; its output is 1x1, which sums in a fixed order anyway.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Set either way: a kept replica (warm.py) may come from a run that set it. warn_only: the pooling
+        # backward of resnet18's head has no deterministic CUDA kernel; its 1x1 output sums in a fixed order.
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.model = build_model(num_classes=cfg.num_classes, seed=cfg.seed, weights=weights)

@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from distrib.config import RunConfig
+from distrib.warm import keep_warm, release
 
 # Ray refuses to create an object that must spill to disk once the disk is fuller than
 # local_fs_capacity_threshold (95%): OutOfDiskError. Snapshots and state reads spill where the
@@ -44,7 +45,9 @@ def ray_local(_local_ray_session):
     costs ~7 s and ~8 CPU-seconds. A module finds it idle, or gets a fresh one: if an earlier
     module left a placement group or CPUs held after IDLE_WAIT_S, it is restarted, so one
     module's leak cannot starve the next. The first module after them starts without it
-    (pytest_runtest_setup), as modules with a Ray instance of their own expect."""
+    (pytest_runtest_setup), as modules with a Ray instance of their own expect. Within a
+    module, a run that ends well keeps its replicas for the next run of the same shape
+    (distrib.keep_warm): a 2-replica start is ~5.5 s here."""
     global _shared_ray_up
     if _shared_ray_up and not _idle(IDLE_WAIT_S):
         ray.shutdown()
@@ -53,13 +56,16 @@ def ray_local(_local_ray_session):
         ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
         _shared_ray_up = True
-    yield
+    with keep_warm():  # runs of the same shape in a module share their replicas; released at its end
+        yield
 
 
 @pytest.fixture
 def ray_address(ray_local) -> str:
     """The shared local Ray instance's address, for a CLI run (`--address`) to join rather than
-    start a local instance of its own (~7 s)."""
+    start a local instance of its own (~7 s). The replicas this process kept are released first:
+    that run's driver cannot take them, and needs their CPUs."""
+    release()
     return ray.get_runtime_context().gcs_address
 
 

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from distrib import Orchestrator, RunConfig
+from distrib import Orchestrator, RunConfig, warm
 from tests.conftest import assert_bit_identical, flat_state
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -135,7 +135,9 @@ def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
     from distrib import PlacementError
 
     # The cluster could hold the group (the fixed-cluster check passes), but another job
-    # holds 3 of its 4 CPUs: placement fails after the run directory was made.
+    # holds 3 of its 4 CPUs: placement fails after the run directory was made. (Replicas kept
+    # from this module's earlier runs are released first: they hold 2 of the 4.)
+    warm.release()
     other_job = placement_group([{"CPU": 3}])
     ray.get(other_job.ready())
     try:

@@ -20,7 +20,7 @@ import pytest
 import ray
 import yaml
 
-from distrib import Orchestrator, RunConfig, checkpoint, config
+from distrib import Orchestrator, RunConfig, checkpoint, config, keep_warm
 from tests.conftest import assert_bit_identical, flat_state
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -42,11 +42,10 @@ def stop_cfg(run_dir: Path, **changes) -> RunConfig:
 UNCHECKED = {"check_every": 0, "checkpoint_every": 0}
 
 
-def start_cli(cfg: RunConfig, tmp_path: Path) -> subprocess.Popen:
-    """`distrib train` on cfg, joined to this module's Ray instance."""
+def start_cli(cfg: RunConfig, tmp_path: Path, address: str) -> subprocess.Popen:
+    """`distrib train` on cfg, joined to this module's Ray instance at `address` (ray_address)."""
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config.to_dict(cfg)))
-    address = ray.get_runtime_context().gcs_address
     return subprocess.Popen([sys.executable, "-m", "distrib", "train", "--config", str(path), "--no-progress",
                              "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -75,9 +74,10 @@ def uninterrupted(ray_local, tmp_path_factory) -> dict:
 
 # Either signal sets the same stop; the resume after it (a run of its own) is tested after one.
 @pytest.mark.parametrize(("signum", "exit_code", "resume"), [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)])
-def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, request, signum, exit_code, resume):
+def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, request, ray_address, signum, exit_code,
+                                                                resume):
     run_dir = tmp_path / "run"
-    proc = start_cli(stop_cfg(run_dir, **UNCHECKED), tmp_path)
+    proc = start_cli(stop_cfg(run_dir, **UNCHECKED), tmp_path, ray_address)
     wait_for_steps(run_dir, 6, proc)
     signalled = time.monotonic()
     proc.send_signal(signum)
@@ -109,7 +109,7 @@ def test_an_orderly_end_lets_the_replicas_exit_rather_than_killing_them(tmp_path
     """ray.kill sends SIGTERM first, and Ray's handler for it, landing inside a garbage-collector
     callback, printed a traceback after a stopped run's last line (1 run in 12). After a run
     that went well each replica exits on its own, so none is sent a signal."""
-    with Orchestrator(stop_cfg(tmp_path / "run", steps=2, **UNCHECKED), progress=False) as orch:
+    with keep_warm(False), Orchestrator(stop_cfg(tmp_path / "run", steps=2, **UNCHECKED), progress=False) as orch:
         orch.train()
         actor_ids = [replica._actor_id.hex() for replica in orch.replicas]
     # The public state API (ray.util.state) needs the dashboard, which these tests do not start.
@@ -140,10 +140,10 @@ def test_reading_the_state_between_checks_changes_no_number(tmp_path):
         assert_bit_identical(flat_state(orch.state()), reference)
 
 
-def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path):
+def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path, ray_address):
     """Rank 0 hangs at step 5, so the graceful stop cannot finish; the second SIGTERM ends it."""
     run_dir = tmp_path / "run"
-    proc = start_cli(stop_cfg(run_dir, faults="stall:0@5"), tmp_path)
+    proc = start_cli(stop_cfg(run_dir, faults="stall:0@5"), tmp_path, ray_address)
     wait_for_steps(run_dir, 5, proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -160,9 +160,9 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path):
     assert ckpt.step == 4 and not skipped
 
 
-def test_stop_grace_bounds_a_stop_that_cannot_finish(tmp_path):
+def test_stop_grace_bounds_a_stop_that_cannot_finish(tmp_path, ray_address):
     run_dir = tmp_path / "run"
-    proc = start_cli(stop_cfg(run_dir, faults="stall:1@5", stop_grace_s=2.0), tmp_path)
+    proc = start_cli(stop_cfg(run_dir, faults="stall:1@5", stop_grace_s=2.0), tmp_path, ray_address)
     wait_for_steps(run_dir, 5, proc)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)
