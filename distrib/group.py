@@ -384,10 +384,10 @@ class ReplicaGroup:
         stuck inside a collective, and a polite leave would wait for it."""
         self._drains.stop()
         whole = not (self._joining or self._starting) and self.world_size == self.cfg.num_workers
-        if orderly and whole and warm.wanted(self.cfg):  # keep them for the next run instead (warm.py)
+        if orderly and whole and not self.draining_ranks() and warm.wanted(self.cfg):  # kept instead (warm.py)
             resets = self.call("reset")
             if warm.keep(warm.KeptGroup(warm.shape(self.cfg), self._placement, self._replicas, self._bundles,
-                                        self._actor_class), resets, timeout_s=CLOSE_TIMEOUT_S):
+                                        self._actor_class), resets):
                 self._replicas, self._placement = [], None
             self._unread += resets  # read below: done, or late and read once their actors are gone
         to_kill = list(self._replicas)

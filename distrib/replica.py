@@ -126,10 +126,17 @@ class Replica:
         as a new one, with its imports done, for the next run of the same shape (warm.py)."""
         import gc
 
+        import torch
+
         self.close()
         comm.leave_process_group()
+        compiled = self._trainer is not None and self._trainer.cfg.compile
         self._trainer = None
         gc.collect()  # the model, its optimizer state and DDP's buckets: ~0.3 GB, freed now
+        if compiled:  # dynamo's caches live as long as the process; the next model compiles afresh
+            torch._dynamo.reset()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the activations' blocks, held by the caching allocator
 
     @ray.method(concurrency_group="probe")
     def position(self) -> Position:

@@ -16,8 +16,8 @@ all of its state from its config (the bit-identity tests run on kept actors).
 
 Kept at most one group at a time: a run of another shape releases it first (kills the
 actors, removes the placement group) and starts its own. Leaving `keep_warm` releases it.
-What it costs: the kept group holds its CPUs and GPUs (and ~0.3 GB of memory per replica)
-between runs, for as long as the block lasts. A run that failed (its Orchestrator shut down
+What it costs: the kept group holds its CPUs and GPUs (~0.3 GB of memory per replica, a
+CUDA context) between runs, for as long as the block lasts. A run that failed (its Orchestrator shut down
 without `orderly`), or ended in a shrunk group, keeps nothing; nor does a group with hot
 spares, or of simulated replicas.
 """
@@ -39,17 +39,25 @@ log = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 10.0
 """How long a kept actor may take to answer before its group is released and started afresh."""
+RESET_TIMEOUT_S = 10.0
+"""How long a replica's reset (loader closed, group left, model freed) may take on a busy machine."""
 EXIT_TIMEOUT_S = 2.0
 """How long a released actor has to exit on its own before it is killed."""
 
 
+def _session() -> tuple:
+    """This driver's connection to Ray: a new `ray.init` may reuse the old one's address."""
+    context = ray.get_runtime_context()
+    return context.gcs_address, context.get_node_id(), context.get_job_id()
+
+
 def shape(cfg: RunConfig) -> tuple:
     """What a group's placement and actors depend on: runs with the same shape can share them.
-    The Ray cluster is part of it (a new `ray.init` may reuse the old one's address)."""
-    context = ray.get_runtime_context()
-    return (context.gcs_address, context.get_node_id(), context.get_job_id(), cfg.num_workers,
-            cfg.spare_workers, cfg.cpus_per_worker, cfg.device, cfg.gpus_per_worker if cfg.device == "cuda" else 0,
-            cfg.placement_strategy, bool(cfg.simulate_step_ms))
+    On a GPU, `deterministic` too: cuBLAS reads CUBLAS_WORKSPACE_CONFIG once per process."""
+    cuda = cfg.device == "cuda"
+    return (*_session(), cfg.num_workers, cfg.spare_workers, cfg.cpus_per_worker, cfg.device,
+            cfg.gpus_per_worker if cuda else 0, cuda and cfg.deterministic, cfg.placement_strategy,
+            bool(cfg.simulate_step_ms))
 
 
 @dataclass
@@ -90,12 +98,12 @@ def wanted(cfg: RunConfig) -> bool:
     return _enabled and not cfg.spare_workers and not cfg.simulate_step_ms
 
 
-def keep(group: KeptGroup, resets: list[ray.ObjectRef], *, timeout_s: float) -> bool:
+def keep(group: KeptGroup, resets: list[ray.ObjectRef]) -> bool:
     """Keep `group` for the next run of its shape (releasing any other) once each of its replicas'
-    `resets` (Replica.reset) has finished well within timeout_s; False, keeping nothing, if one
-    failed or is late (the caller then stops the group)."""
+    `resets` (Replica.reset) has finished well within RESET_TIMEOUT_S; False, keeping nothing, if
+    one failed or is late (the caller then stops the group)."""
     global _kept
-    done, late = ray.wait(resets, num_returns=len(resets), timeout=timeout_s)
+    done, late = ray.wait(resets, num_returns=len(resets), timeout=RESET_TIMEOUT_S)
     try:
         ray.get(done)
     except ray.exceptions.RayError as err:
@@ -138,8 +146,8 @@ def release() -> None:
 
 
 def _release(kept: KeptGroup) -> None:
-    if not ray.is_initialized():
-        return  # the cluster went, and its actors with it
+    if not ray.is_initialized() or kept.shape[:3] != _session():
+        return  # that connection to Ray ended, and its actors and placement group with it
     end_actors(kept.replicas, EXIT_TIMEOUT_S)
     try:
         remove_placement_group(kept.placement)
