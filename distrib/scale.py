@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -271,13 +272,19 @@ def run_sweep(sweep: SweepConfig, *, baseline: str | None = None, resume_dir: st
     out_dir = _open_out_dir(sweep, resume_dir)
     results_path = out_dir / "results.jsonl"
     done_ids = {row["point_id"] for row in _read_rows(results_path)}
-    todo = _points_to_run(sweep, ["distrib"] + ([baseline] if baseline else []), done_ids)
+    tools = ["distrib"] + ([baseline] if baseline else [])
+    todo = _points_to_run(sweep, tools, done_ids)
+    # A point's run directory is named by its place in the whole sweep, the same on a resume.
+    number = {pid: n for n, (_, pid, _) in enumerate(_points_to_run(sweep, tools, set()), start=1)}
     if done_ids:
         say(f"resuming {out_dir}: {len(done_ids)} points done, {len(todo)} to run")
     for index, (tool, pid, point) in enumerate(todo, start=1):
         started = time.perf_counter()
         if tool == "distrib":
-            measured = run_distrib_point(sweep, point, out_dir / "points" / f"{index:03d}")
+            run_dir = out_dir / "points" / f"{number[pid]:03d}"
+            if run_dir.exists():  # the run of an interrupted attempt at this point: its row was never written
+                shutil.rmtree(run_dir)
+            measured = run_distrib_point(sweep, point, run_dir)
         else:
             measured = run_torchrun_point(sweep, point)
         row = _row(sweep, tool, pid, point, measured)

@@ -57,14 +57,19 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
             image.verify()
             assert image.format == "PNG" and image.size[0] > 300
 
-    # An interrupted sweep: the last point's row never got written. Resuming runs only it.
+    # An interrupted sweep: one point's row never got written, its run directory is there. Resuming
+    # runs only it, in the same directory. (distrib's 2-worker point: its replicas, kept by this
+    # module's keep_warm, start it in a fraction of a second.)
     lines = (out_dir / "results.jsonl").read_text().splitlines()
-    (out_dir / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    assert [json.loads(line)["tool"] for line in lines] == ["distrib", "distrib", "torchrun", "torchrun"]
+    (out_dir / "results.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
     said.clear()
     _, resumed = run_sweep(sweep, baseline="torchrun", resume_dir=out_dir, say=said.append)
     assert said[0] == f"resuming {out_dir}: 3 points done, 1 to run"
     assert [text.split(":")[0] for text in said[1:]] == ["point 1/1"]
     assert len(resumed) == 4
+    assert sorted(p.name for p in (out_dir / "points").iterdir()) == ["001", "002"]
+    assert json.loads((out_dir / "points" / "002" / "summary.json").read_text())["num_workers"] == 2
 
 
 @pytest.mark.parametrize(("text", "message"), [
