@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import string
 import types
 import typing
 from dataclasses import dataclass
@@ -261,6 +262,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     _rule(cfg.calls_in_flight >= 1, "calls_in_flight", cfg.calls_in_flight, "must be >= 1")
     _rule(cfg.check_every >= 0, "check_every", cfg.check_every, "must be >= 0 (0 = only at the end)")
     _rule(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
+    _rule(_only_time_field(cfg.run_dir), "run_dir", cfg.run_dir,
+          "may hold {time} (the start time) and no other {...}; write {{ and }} for a literal brace")
     _rule(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = never)")
     _rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     _rule(0 <= cfg.straggler_fraction < 10, "straggler_fraction", cfg.straggler_fraction,
@@ -352,13 +355,25 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         _rule(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
         value = float(value)
     elif hint is str:
-        _rule(isinstance(value, str), key, value, "must be a string")
+        # YAML reads an unquoted value that starts with { as a mapping: `run_dir: {time}/x`.
+        _rule(isinstance(value, str), key, value,
+              "must be a string; quote a value that starts with {, as in run_dir: \"{time}\""
+              if isinstance(value, dict) else "must be a string")
     return value
+
+
+def _only_time_field(template: str) -> bool:
+    """Whether str.format(time=...) fills `template`: {time} is its only field, unformatted."""
+    try:
+        return all(name in (None, "time") and not spec and not conversion
+                   for _, name, spec, conversion in string.Formatter().parse(template))
+    except ValueError:  # an unmatched brace
+        return False
 
 
 def unknown_key(key: str, known: typing.Iterable[str], *, prefix: str = "") -> ConfigError:
     """The error for a key that is not in `known`, with the closest known one as the fix."""
-    known = list(known)
+    known, key = list(known), str(key)  # YAML may give a number (`1: 2`)
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return ConfigError(f"{prefix}{key}: unknown key{hint}")
@@ -399,6 +414,9 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> dict[str, Any]:
         raise ConfigError(f"config: {str(path)!r} is invalid: no such file; pass an existing {what}")
     try:
         loaded = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config: {str(path)!r} is invalid: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          f"save it as UTF-8, or pass another {what}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -43,6 +43,9 @@ from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.protocol import HostState
 from distrib.storage import LineLog, RemotePath
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "events.jsonl", "classes.json", "summary.json")
+RUN_FOLDERS = ("checkpoints", "tb")
+"""What a run writes in its directory: a new run refuses a directory that holds any of them."""
 METRICS_UPLOAD_S = 10.0
 """On object storage, metrics.jsonl's last part is rewritten whole at most this often (a request per batch)."""
 WRITER_NICE = 19
@@ -112,6 +115,12 @@ class RunDir:
         if (path / "metrics.jsonl").exists():
             raise ConfigError(f"run_dir: {str(path)!r} already holds a run (metrics.jsonl); "
                               "choose another run_dir, remove it, or resume it with --resume")
+        # A run writes these names over, and a start that fails removes them (discard): a user's
+        # own config.yaml kept there would be lost.
+        held = next((name for name in RUN_FILES + RUN_FOLDERS if (path / name).exists()), None)
+        if held is not None:
+            raise ConfigError(f"run_dir: {str(path)!r} already holds {held}, which a run writes; "
+                              "choose another run_dir, or move it away")
         made = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path, cfg, snapshot=None)
@@ -213,7 +222,7 @@ class RunDir:
         """Remove what this run wrote, after a start that failed before any step: the files of a
         run, and the directory itself if `create` made it (a directory that was there stays)."""
         self.close()
-        for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "classes.json", "summary.json"):
+        for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
         if isinstance(self.path, RemotePath):  # no folders there; TensorBoard's files, by name
             tb = self.path / "tb"

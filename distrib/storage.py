@@ -250,13 +250,13 @@ class LineLog:
             self._dirty = create and not exists
             self.flush()
         elif create:
-            self._file = path.open("a")
+            self._file = _open_to_append(path)
 
     def append(self, line: str) -> None:
         """Add `line` (one line, no newline)."""
         if self._lines is None:
             if self._file is None:
-                self._file = self.path.open("a")
+                self._file = _open_to_append(self.path)
             self._file.write(line + "\n")
             self._file.flush()
             return
@@ -274,7 +274,7 @@ class LineLog:
         if self._lines is None:
             if self._file is not None:
                 self._file.close()
-            text = self.path.read_text() if self.path.is_file() else ""
+            text = _whole_lines(self.path.read_text()) if self.path.is_file() else ""
             write_whole(self.path, ["".join(line + "\n" for line in text.splitlines() if wanted(line)).encode()])
             self._file = self.path.open("a")
             return
@@ -282,7 +282,7 @@ class LineLog:
         old = [part.read_text() for part in line_parts(self.path)] if self.path.is_file() else []
         new: list[list[str]] = [[]]
         chars = 0  # in new[-1]
-        for line in "".join(old).splitlines(keepends=True):
+        for line in _whole_lines("".join(old)).splitlines(keepends=True):
             if wanted(line.rstrip("\n")):
                 if chars >= PART_BYTES:
                     new.append([])
@@ -309,6 +309,23 @@ class LineLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _whole_lines(text: str) -> str:
+    """`text` up to its last newline: without a line that a crash cut short."""
+    return text[:text.rfind("\n") + 1]
+
+
+def _open_to_append(path: Path) -> IO[str]:
+    """`path` opened to append lines, less a last line that a killed writer cut short (no
+    newline): the next line would join it, and neither would parse."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                file.seek(0)
+                file.truncate(file.read().rfind(b"\n") + 1)
+    return path.open("a")
 
 
 # ---- the checks before a run: one line each, before Ray starts ----------------------------------

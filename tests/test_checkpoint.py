@@ -185,3 +185,43 @@ def test_checkpoints_are_written_at_the_lowest_cpu_priority(tmp_path):
         run.close()
     assert nice == WRITER_NICE == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < nice  # the driver's own thread is not
+
+
+@pytest.mark.parametrize("held", ["config.yaml", "summary.json", "checkpoints"])
+def test_a_new_run_refuses_a_directory_holding_what_a_run_writes(tmp_path, held):
+    """A start that fails removes the run's files (discard): a user's own config.yaml kept in
+    the directory would be written over, then deleted."""
+    from distrib.errors import ConfigError
+    from distrib.rundir import RunDir
+
+    run_dir = tmp_path / "exp"
+    (run_dir / held).parent.mkdir(parents=True)
+    if held == "checkpoints":
+        (run_dir / held).mkdir()
+    else:
+        (run_dir / held).write_text("mine: 1  # a comment\n")
+    before = sorted((p.name, p.is_dir() or p.read_text()) for p in run_dir.iterdir())
+    with pytest.raises(ConfigError, match=rf"run_dir: '.*exp' already holds {held}, which a run writes; choose"):
+        RunDir.create(RunConfig(run_dir=str(run_dir)))
+    assert sorted((p.name, p.is_dir() or p.read_text()) for p in run_dir.iterdir()) == before
+
+
+def test_a_line_cut_short_by_a_crash_is_dropped_not_joined(tmp_path):
+    """A driver killed mid-write leaves a last line with no newline. A resume rewinds the metrics
+    (which parses every line) and appends events: neither may fail on it or join it."""
+    import json
+
+    from distrib.storage import LineLog
+
+    metrics, events = tmp_path / "metrics.jsonl", tmp_path / "events.jsonl"
+    metrics.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"st')
+    events.write_text('{"event": "heal"}\n{"eve')
+    log = LineLog(metrics, upload_every_s=0.0, create=True)  # as RunDir opens it on a resume
+    log.keep(lambda line: json.loads(line)["step"] < 2)  # the rewind to a checkpoint at step 2
+    log.append('{"step": 2}')
+    log.close()
+    assert metrics.read_text() == '{"step": 0}\n{"step": 1}\n{"step": 2}\n'
+    log = LineLog(events, upload_every_s=0.0, create=False)
+    log.append('{"event": "restart"}')
+    log.close()
+    assert events.read_text() == '{"event": "heal"}\n{"event": "restart"}\n'

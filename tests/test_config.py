@@ -53,6 +53,10 @@ def test_config_is_frozen():
     ("num_workers: 2\nmin_workers: 3\n", [], "min_workers: 3 is invalid: must be in [1, num_workers=2]"),
     ("num_workers: 2\nmin_workers: 1\nbatchnorm: sync\n", [], "batchnorm: sync cannot run shrunk"),
     ("num_workers: 2\nmin_workers: 1\nrecovery: restart\n", [], "a group shrinks in a heal"),
+    ("1: 2\n", [], "1: unknown key; known keys: "),
+    ("", ["run_dir=runs/{name}"], "run_dir: 'runs/{name}' is invalid: may hold {time} (the start time) and no other"),
+    ("", ["run_dir=runs/a{"], "run_dir: 'runs/a{' is invalid: may hold {time}"),
+    ("", ["run_dir={time}"], "must be a string; quote a value that starts with {"),
 ])
 def test_bad_values_name_key_value_and_rule(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as err:
@@ -75,6 +79,17 @@ def test_missing_file_and_malformed_yaml(tmp_path):
         config.load(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
         config.load(write(tmp_path, "steps: 3\nlr: [0.1\n"))
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"steps: 3\nlr: \xff\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(invalid start byte at byte 13\); save it as UTF-8"):
+        config.load(path, [])
+
+
+def test_run_dir_may_hold_time_and_literal_braces():
+    assert RunConfig(run_dir="runs/{time}-{{a}}").run_dir == "runs/{time}-{{a}}"
 
 
 def test_replace_validates():
