@@ -13,12 +13,16 @@ driver wrote (see rundir.py), so it works on a run still going or one that was k
 no torch, no Ray, and matplotlib only once the plots are drawn. A RUN_DIR may be an
 object-storage URI (storage.py; metrics as of the driver's last upload), and so may OUT
 (the PNGs are drawn in a scratch folder, then uploaded); without --out, a URI's report goes
-to ./report.
+to ./report. A local OUT gets all the PNGs or, on an error, none of them: they are drawn in a
+scratch folder inside OUT and renamed into place only once all are drawn.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +51,8 @@ class Run:
 
 def report(run_dirs: list[str], out: str | None = None) -> tuple[str, list[Path | storage.RemotePath]]:
     """The text summary of `run_dirs` and the PNGs written to `out` (see the module docstring).
-    ConfigError, before anything is written, for a directory that holds no run."""
+    ConfigError, before anything is written, for a directory that holds no run or a damaged
+    record, and for a local `out` that cannot be written (then left as it was)."""
     paths = [storage.locate(d, what="RUN_DIR") for d in run_dirs]
     runs = [_load(path, name) for path, name in zip(paths, _names(paths))]
     text = "\n".join(format_run(run) for run in runs)
@@ -63,8 +68,34 @@ def report(run_dirs: list[str], out: str | None = None) -> tuple[str, list[Path 
     out_dir = Path(out) if out else (paths[0] / "report" if local else Path("report"))
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {str(out_dir)!r} is a file; give a folder for the plots")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return text, write_plots(runs, out_dir)
+    return text, _write_plots_whole(runs, out_dir)
+
+
+def _write_plots_whole(runs: list[Run], out_dir: Path) -> list[Path]:
+    """`write_plots` into `out_dir`, all or nothing: drawn in a scratch folder inside it (so each
+    move is a rename on one filesystem), then renamed into place. On an error the scratch folder
+    goes, and so do the folders made for `out_dir`. ConfigError for an `out_dir` that cannot be
+    made or written, or one where a PNG's name is taken by a folder."""
+    made = list(itertools.takewhile(lambda p: not p.exists(), (out_dir, *out_dir.parents)))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    except OSError as err:
+        raise ConfigError(f"--out {str(out_dir)!r} cannot be written ({err.strerror or err}); "
+                          "give a folder you can create and write to") from None
+    try:
+        drawn = write_plots(runs, scratch)
+        for png in drawn:  # checked first, as a rename cannot put a file over a folder
+            if (out_dir / png.name).is_dir():
+                raise ConfigError(f"--out {str(out_dir)!r} has a folder named {png.name!r}; "
+                                  "move it away or give another --out")
+        for png in drawn:
+            os.replace(png, out_dir / png.name)
+    except BaseException:
+        shutil.rmtree(made[-1] if made else scratch, ignore_errors=True)
+        raise
+    scratch.rmdir()  # empty now
+    return [out_dir / png.name for png in drawn]
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -83,18 +114,35 @@ def _load(path: Path, name: str) -> Run:
                steps=sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r["step"]),
                evals=[r for r in records if r.get("kind") == "eval"],
                events=_read_lines(path / "events.jsonl") if (path / "events.jsonl").exists() else [],
-               summary=json.loads(summary_file.read_text()) if summary_file.exists() else None)
+               summary=_read_summary(summary_file) if summary_file.exists() else None)
+
+
+def _read_summary(path: Path) -> dict:
+    """summary.json. The driver writes it whole (storage.write_whole), so one that is not a JSON
+    object was damaged afterwards: ConfigError, as a guess at the run's figures would mislead."""
+    return _json_object(path.read_text(), f"{str(path)!r}",
+                        "delete it to report the run as not finished, or restore it from a copy")
 
 
 def _read_lines(path: Path) -> list[dict]:
-    """The JSON lines of the log at `path` (all its parts, on object storage). The driver ends
-    every line with a newline once written, so text after the last one is a line cut short by a
-    killed run: it is left out."""
+    """The JSON objects of the log at `path`, one a line (all its parts, on object storage). The
+    driver ends every line with a newline once written, so text after the last one is a line cut
+    short by a killed run: it is left out. A whole line that is not a JSON object was never
+    written by the driver, so it is a ConfigError, not skipped: the records would be wrong."""
     lines = storage.read_lines(path).split("\n")[:-1]
+    return [_json_object(line, f"{str(path)!r} line {number}", "fix or delete that line")
+            for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _json_object(text: str, where: str, fix: str) -> dict:
+    """`text` as a JSON object; ConfigError naming `where` and `fix` for anything else."""
     try:
-        return [json.loads(line) for line in lines if line.strip()]
+        value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{str(path)!r} is not JSON lines: {err}") from err
+        raise ConfigError(f"{where} is not JSON ({err}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} is {text.strip()[:40]!r}, not a JSON object; {fix}")
+    return value
 
 
 # ---- the text summary -------------------------------------------------------------------------

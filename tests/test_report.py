@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 
 GLOBAL_BATCH = 8
 
@@ -148,3 +149,58 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path):
     (tmp_path / "a-file").write_text("")
     result = _report(str(tmp_path / "good"), "--out", str(tmp_path / "a-file"), cwd=tmp_path)
     assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_out_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    run = _heal_run(tmp_path / "run")
+    (tmp_path / "a-file").write_text("")
+    result = _report(str(run), "--out", str(tmp_path / "a-file" / "sub"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"distrib: error: --out {str(tmp_path / 'a-file' / 'sub')!r} cannot be written (Not a directory); "
+        "give a folder you can create and write to"]
+
+
+def test_a_folder_in_the_way_leaves_out_as_it_was(tmp_path):
+    run = _heal_run(tmp_path / "run")
+    out = tmp_path / "plots"
+    (out / "lr.png").mkdir(parents=True)
+    (out / "loss.png").write_bytes(b"an older report's")
+    result = _report(str(run), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"distrib: error: --out {str(out)!r} has a folder named 'lr.png'; move it away or give another --out"]
+    assert sorted(p.name for p in out.iterdir()) == ["loss.png", "lr.png"]  # no scratch folder left
+    assert (out / "loss.png").read_bytes() == b"an older report's"
+
+
+def test_an_error_while_drawing_removes_the_folders_it_made(tmp_path, monkeypatch):
+    from distrib import report
+
+    def draw_one_then_fail(runs, out_dir):
+        (out_dir / "loss.png").write_bytes(b"half a report")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(report, "write_plots", draw_one_then_fail)
+    run = _heal_run(tmp_path / "run")
+    with pytest.raises(OSError, match="No space left"):
+        report.report([str(run)], str(tmp_path / "new" / "plots"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_damaged_records_are_one_line_errors(tmp_path):
+    run = _heal_run(tmp_path / "cut")
+    summary = run / "summary.json"
+    summary.write_text(summary.read_text()[:50])  # not the driver's: it writes summary.json whole
+    result = _report(str(run), cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{str(summary)!r} is not JSON" in result.stderr and "delete it" in result.stderr
+
+    steps = [_step(s, loss=2.0, wall_s=0.25) for s in range(3)]
+    run = _write_run(tmp_path / "five", steps, cut_short="5\n")  # a whole line, so not skipped as cut short
+    result = _report(str(run), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"distrib: error: {str(run / 'metrics.jsonl')!r} line 4 is '5', not a JSON object; fix or delete that line"]
+    assert not (run / "report").exists()
