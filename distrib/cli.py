@@ -196,12 +196,14 @@ def _seed_step(args: argparse.Namespace) -> int:
 
 def _scale(args: argparse.Namespace) -> int:
     from distrib.cluster import connect_ray
-    from distrib.scale import load_sweep, run_sweep
+    from distrib.scale import check_out_dir, load_sweep, run_sweep
     from distrib.scale_report import format_table
 
     sweep = load_sweep(args.config)
+    # Before Ray starts, and before anything is written: a bad out_dir or --resume is a one-line error.
+    out_dir = check_out_dir(sweep, baseline=args.baseline, resume_dir=args.resume)
     connect_ray(args.address)
-    out_dir, rows = run_sweep(sweep, baseline=args.baseline, resume_dir=args.resume,
+    out_dir, rows = run_sweep(sweep, baseline=args.baseline, out_dir=out_dir,
                               say=lambda text: print(text, file=sys.stderr, flush=True))
     print(format_table(rows))
     print(f"results: {out_dir} (results.csv, results.json, throughput.png, efficiency.png, breakdown.png)")
@@ -234,12 +236,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from distrib import simulate
 
-    counts = [int(n) for n in args.sweep.split(",")] if args.sweep else [args.workers]
-    per_call = [int(k) for k in args.steps_per_call.split(",")]
+    counts = _integers("--sweep", args.sweep) if args.sweep else [args.workers]
+    per_call = _integers("--steps-per-call", args.steps_per_call)
     if counts == [None] or (not args.sweep and len(per_call) > 1):
         raise ConfigError("simulate: give --workers N (one --steps-per-call), or --sweep N1,N2,...")
     run = dict(step_ms=args.step_ms, steps=args.steps, calls_in_flight=args.calls_in_flight,
                check_every=args.check_every)
+    # Before Ray starts: what can never be measured is a one-line error in a second.
+    simulate.check(counts, steps_per_call=per_call, out_dir=Path(args.out) if args.sweep else None, **run)
     started = simulate.start_ray(args.address, max(counts))
     try:
         if not args.sweep:
@@ -258,6 +262,14 @@ def _simulate(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
+
+
+def _integers(flag: str, text: str) -> list[int]:
+    """`text` as comma-separated integers, e.g. 2,4,8; ConfigError naming `flag` otherwise."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is invalid: give comma-separated integers, e.g. 2,4,8") from None
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import string
 import types
 import typing
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from distrib import faults
+from distrib import config_rules
+from distrib.config_rules import rule
 from distrib.errors import ConfigError
 
 
@@ -201,8 +201,7 @@ class RunConfig:
     platform's own grace (Kubernetes: 30 s by default)."""
 
     def __post_init__(self) -> None:
-        _check_ranges(self)
-        _check_recovery(self)
+        config_rules.check(self)
 
     @property
     def global_batch_size(self) -> int:
@@ -218,114 +217,6 @@ class RunConfig:
         return from_dict({**to_dict(self), **changes})
 
 
-def _rule(ok: bool, key: str, value: Any, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {value!r} is invalid: {rule}")
-
-
-def _check_ranges(cfg: RunConfig) -> None:
-    _rule(cfg.num_workers >= 1, "num_workers", cfg.num_workers, "must be >= 1")
-    _rule(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "must be > 0")
-    _rule(0 < cfg.gpus_per_worker <= 1, "gpus_per_worker", cfg.gpus_per_worker,
-          "must be in (0, 1]: a replica drives one GPU; below 1 replicas share one")
-    _rule(cfg.gpus_per_worker == 1 or cfg.backend != "nccl", "backend", cfg.backend,
-          "nccl refuses two ranks on one GPU, which gpus_per_worker < 1 allows; use backend: gloo (or auto)")
-    _rule(cfg.batch_size_per_worker >= 1, "batch_size_per_worker", cfg.batch_size_per_worker, "must be >= 1")
-    # resnet18 downsamples 32x; below 32 px the last stage sees less than one pixel.
-    _rule(cfg.image_size >= 32, "image_size", cfg.image_size, "must be >= 32 (resnet18 downsamples 32x)")
-    _rule(cfg.num_classes >= 1, "num_classes", cfg.num_classes, "must be >= 1")
-    _rule(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
-    _rule(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
-    _check_schedule(cfg)
-    _rule(0 <= cfg.momentum < 1, "momentum", cfg.momentum, "must be in [0, 1)")
-    _rule(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
-    _rule(not cfg.nesterov or cfg.momentum > 0, "nesterov", cfg.nesterov, "needs momentum > 0")
-    _rule(0 <= cfg.seed < 2**31, "seed", cfg.seed, "must be in [0, 2**31)")
-    _rule(cfg.loss != "sum" or cfg.data == "synthetic", "loss", cfg.loss,
-          "the sum loss needs uniform targets: use data: synthetic, or loss: cross_entropy")
-    _rule(cfg.data != "folder" or bool(cfg.data_dir), "data_dir", cfg.data_dir,
-          "data: folder needs data_dir set to an ImageFolder root")
-    _rule(cfg.data != "folder" or Path(cfg.data_dir).is_dir(), "data_dir", cfg.data_dir,
-          "no such directory; point it at an ImageFolder root (one sub-folder per class)")
-    _rule(cfg.dataset_size >= 1, "dataset_size", cfg.dataset_size, "must be >= 1")
-    _check_evaluation(cfg)
-    _rule(cfg.decoder != "nvjpeg" or cfg.device != "cpu", "decoder", cfg.decoder,
-          "nvjpeg decodes on a GPU; use device: cuda (or auto on a GPU cluster), or decoder: torchvision")
-    _rule(cfg.loader_workers == "auto" or cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers,
-          "must be >= 0, or auto")
-    weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))
-    _rule(weights_ok, "weights", cfg.weights, "must be none, DEFAULT or a path to a .pth/.pt file")
-    _rule(cfg.weights != "DEFAULT" or cfg.num_classes == 1000, "num_classes", cfg.num_classes,
-          "weights: DEFAULT has a 1000-class head; set num_classes: 1000")
-    _rule(cfg.bucket_cap_mb > 0, "bucket_cap_mb", cfg.bucket_cap_mb, "must be > 0")
-    _rule(cfg.steps_per_call >= 1, "steps_per_call", cfg.steps_per_call, "must be >= 1")
-    _rule(cfg.calls_in_flight >= 1, "calls_in_flight", cfg.calls_in_flight, "must be >= 1")
-    _rule(cfg.check_every >= 0, "check_every", cfg.check_every, "must be >= 0 (0 = only at the end)")
-    _rule(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
-    _rule(_only_time_field(cfg.run_dir), "run_dir", cfg.run_dir,
-          "may hold {time} (the start time) and no other {...}; write {{ and }} for a literal brace")
-    _rule(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = never)")
-    _rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
-    _rule(0 <= cfg.straggler_fraction < 10, "straggler_fraction", cfg.straggler_fraction,
-          "must be in [0, 10) (a fraction of the step time; 0 = off)")
-    _rule(cfg.simulate_step_ms >= 0, "simulate_step_ms", cfg.simulate_step_ms, "must be >= 0 (0 = real replicas)")
-    _rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
-    _rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
-    _rule(cfg.stop_grace_s > 0, "stop_grace_s", cfg.stop_grace_s, "must be > 0")
-    faults.parse(cfg.faults, num_workers=cfg.num_workers)
-    _rule(cfg.start_timeout_s > 0, "start_timeout_s", cfg.start_timeout_s, "must be > 0")
-    _rule(cfg.step_timeout_s > 0, "step_timeout_s", cfg.step_timeout_s, "must be > 0")
-    _rule(not (cfg.device == "cpu" and cfg.backend == "nccl"), "backend", cfg.backend,
-          "nccl needs device: cuda; use backend: gloo (or auto) on cpu")
-    _rule(not (cfg.device == "cpu" and cfg.precision == "fp16"), "precision", cfg.precision,
-          "fp16 autocast needs device: cuda; use fp32 or bf16 on cpu")
-
-
-def _check_recovery(cfg: RunConfig) -> None:
-    _rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
-    _rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
-    _rule(0 <= cfg.min_workers <= cfg.num_workers, "min_workers", cfg.min_workers,
-          f"must be in [1, num_workers={cfg.num_workers}], or 0 for num_workers (never shrink)")
-    _rule(cfg.elastic_wait_s >= 0, "elastic_wait_s", cfg.elastic_wait_s, "must be >= 0")
-    _rule(not cfg.elastic or (cfg.recovery == "heal" and cfg.backend != "nccl"), "min_workers", cfg.min_workers,
-          "a group shrinks in a heal, which needs recovery: heal and gloo; or set min_workers: 0")
-    # Under sync every forward all-reduces BatchNorm statistics: a rank with more shards than
-    # its peers would run more of those collectives than they do.
-    _rule(not cfg.elastic or cfg.batchnorm != "sync", "min_workers", cfg.min_workers,
-          "batchnorm: sync cannot run shrunk; use batchnorm: train or frozen, or min_workers: 0")
-    _rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")
-
-
-def _check_schedule(cfg: RunConfig) -> None:
-    _rule(0 <= cfg.warmup_steps < cfg.steps, "warmup_steps", cfg.warmup_steps,
-          f"must be >= 0 and shorter than the run (steps={cfg.steps})")
-    milestones = cfg.lr_milestones
-    _rule(not milestones or cfg.lr_schedule == "step", "lr_milestones", list(milestones),
-          "only lr_schedule: step uses milestones; set lr_schedule: step or drop them")
-    _rule(cfg.lr_schedule != "step" or bool(milestones), "lr_milestones", list(milestones),
-          "lr_schedule: step needs at least one milestone, e.g. [30, 60]")
-    _rule(all(a < b for a, b in zip(milestones, milestones[1:])), "lr_milestones", list(milestones),
-          "must be in increasing order")
-    _rule(all(0 < m < cfg.steps for m in milestones), "lr_milestones", list(milestones),
-          f"each must be a step inside the run (0 < milestone < steps={cfg.steps})")
-    _rule(0 < cfg.lr_gamma <= 1, "lr_gamma", cfg.lr_gamma, "must be in (0, 1]")
-    _rule(cfg.base_batch_size >= 1, "base_batch_size", cfg.base_batch_size, "must be >= 1")
-
-
-def _check_evaluation(cfg: RunConfig) -> None:
-    _rule(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = never)")
-    _rule(cfg.eval_size >= 1, "eval_size", cfg.eval_size, "must be >= 1")
-    _rule(not cfg.eval_every or cfg.loss == "cross_entropy", "eval_every", cfg.eval_every,
-          "evaluation needs class targets: use loss: cross_entropy")
-    _rule(0 <= cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "must be in (0, 1), or 0 for none")
-    _rule(not (cfg.val_fraction and cfg.val_dir), "val_fraction", cfg.val_fraction,
-          "val_dir is set too; hold out a fraction of data_dir or use val_dir, not both")
-    _rule(cfg.data == "folder" or not (cfg.val_fraction or cfg.val_dir), "data", cfg.data,
-          "val_dir and val_fraction are for data: folder; synthetic and fake data make their own held-out set")
-    _rule(cfg.data != "folder" or not cfg.eval_every or bool(cfg.val_fraction or cfg.val_dir), "eval_every",
-          cfg.eval_every, "data: folder needs a held-out set to evaluate: set val_dir or val_fraction")
-
-
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _HINTS = typing.get_type_hints(RunConfig)
 
@@ -334,7 +225,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """`value` as type `hint`, or ConfigError. ints are accepted for floats, never bools for numbers."""
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
-        _rule(value in allowed, key, value, "must be one of " + " | ".join(map(str, allowed)))
+        rule(value in allowed, key, value, "must be one of " + " | ".join(map(str, allowed)))
         return value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
@@ -344,31 +235,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         raise ConfigError(f"{key}: {value!r} is invalid: must be {hint}")
     if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a YAML list
-        _rule(isinstance(value, (list, tuple)), key, value, "must be a list, e.g. [30, 60]")
+        rule(isinstance(value, (list, tuple)), key, value, "must be a list, e.g. [30, 60]")
         item = typing.get_args(hint)[0]
         return tuple(_coerce(key, v, item) for v in value)
     if hint is bool:
-        _rule(isinstance(value, bool), key, value, "must be true or false")
+        rule(isinstance(value, bool), key, value, "must be true or false")
     elif hint is int:
-        _rule(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+        rule(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
     elif hint is float:
-        _rule(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
+        rule(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
         value = float(value)
     elif hint is str:
         # YAML reads an unquoted value that starts with { as a mapping: `run_dir: {time}/x`.
-        _rule(isinstance(value, str), key, value,
+        rule(isinstance(value, str), key, value,
               "must be a string; quote a value that starts with {, as in run_dir: \"{time}\""
               if isinstance(value, dict) else "must be a string")
     return value
-
-
-def _only_time_field(template: str) -> bool:
-    """Whether str.format(time=...) fills `template`: {time} is its only field, unformatted."""
-    try:
-        return all(name in (None, "time") and not spec and not conversion
-                   for _, name, spec, conversion in string.Formatter().parse(template))
-    except ValueError:  # an unmatched brace
-        return False
 
 
 def unknown_key(key: str, known: typing.Iterable[str], *, prefix: str = "") -> ConfigError:

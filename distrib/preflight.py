@@ -43,16 +43,19 @@ def _check_run_dir(cfg: RunConfig) -> None:
     if storage.is_uri(run_dir):
         storage.check_writable(run_dir.replace("{time}", "time"))
         return
-    path = Path(run_dir.replace("{time}", "time"))
+    if problem := unwritable(Path(run_dir.replace("{time}", "time"))):
+        raise ConfigError(f"run_dir: {run_dir!r} is invalid: {problem}; choose another run_dir")
+
+
+def unwritable(path: Path) -> str | None:
+    """Why `path` cannot be a folder this process writes to, or None if it is one or can be made:
+    the first of it and its parents that exists must be a writable directory."""
     for existing in (path, *path.parents):
         if existing.exists():
             if not existing.is_dir():
-                raise ConfigError(f"run_dir: {run_dir!r} is invalid: {str(existing)!r} is a file, not a directory; "
-                                  "choose another run_dir")
-            if not os.access(existing, os.W_OK):
-                raise ConfigError(f"run_dir: {run_dir!r} is invalid: {str(existing)!r} is not writable; "
-                                  "choose another run_dir")
-            return
+                return f"{str(existing)!r} is a file, not a folder"
+            return None if os.access(existing, os.W_OK | os.X_OK) else f"{str(existing)!r} is not writable"
+    return None
 
 
 def local_gpus() -> int | None:

@@ -29,7 +29,9 @@ import yaml
 
 from distrib import comm, config
 from distrib.config import RunConfig
+from distrib.config_rules import only_time_field
 from distrib.errors import ConfigError
+from distrib.preflight import unwritable
 from distrib.scale_report import add_efficiency, write_outputs
 
 SWEEPABLE = ("num_workers", "batch_size_per_worker", "image_size", "precision", "bucket_cap_mb",
@@ -76,6 +78,8 @@ class SweepConfig:
     every base.eval_every steps, or until base.steps (the cap); 0 = a throughput sweep."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_top1, bool) or not isinstance(self.target_top1, (int, float)):
+            raise _fail("target_top1", self.target_top1, "must be a number in (0, 1], or 0 for a throughput sweep")
         if self.target_top1:
             self._check_target()
         if self.scaling not in ("weak", "strong"):
@@ -85,8 +89,14 @@ class SweepConfig:
         for key in ("warmup_steps", "timed_steps"):
             if not _positive_int(getattr(self, key)):
                 raise _fail(key, getattr(self, key), "must be an integer >= 1")
+        if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int):
+            raise _fail("global_batch_size", self.global_batch_size, "must be an integer")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise _fail("out_dir", self.out_dir, "must be a non-empty path")
+        if not only_time_field(self.out_dir):
+            raise _fail("out_dir", self.out_dir,
+                        "may hold {time} (the start time) and no other {...}; write {{ and }} for a literal brace")
+        self._check_points()
 
     def _check_target(self) -> None:
         if not 0 < self.target_top1 <= 1:
@@ -105,6 +115,27 @@ class SweepConfig:
             if self.global_batch_size % workers:
                 raise _fail("global_batch_size", self.global_batch_size,
                             f"must divide by every num_workers ({workers})")
+
+    def _check_points(self) -> None:
+        """Every point's run config, as its run will build it: a base that is valid for base.steps
+        may not be for a throughput point's warmup_steps + timed_steps."""
+        for point in self.points():
+            try:
+                self.run_config(point, run_dir=self.out_dir)
+            except ConfigError as err:
+                why = "" if self.target_top1 else (f"; a throughput point runs warmup_steps + timed_steps = "
+                                                   f"{self.warmup_steps + self.timed_steps} steps, not base.steps: "
+                                                   "raise timed_steps or change base")
+                raise ConfigError(f"sweep point {_say_point(point)}: {err}{why}") from None
+
+    def run_config(self, point: dict[str, Any], *, run_dir: str) -> RunConfig:
+        """The run config of one of distrib's points, checks and checkpoints off so that the timed
+        steps are training alone (a final check still runs): a throughput point runs warmup_steps +
+        timed_steps; a time-to-accuracy point runs up to base.steps, checking as base says."""
+        if self.target_top1:
+            return self.base.replace(**point, run_dir=run_dir, checkpoint_every=0)
+        return self.base.replace(**point, steps=self.warmup_steps + self.timed_steps, run_dir=run_dir,
+                                 check_every=0, checkpoint_every=0)
 
     def points(self) -> list[dict[str, Any]]:
         """Every combination of the swept values (num_workers varying fastest), as run-config changes."""
@@ -163,6 +194,10 @@ def point_id(tool: str, point: dict[str, Any]) -> str:
     return tool + "|" + "|".join(f"{k}={point[k]}" for k in sorted(point))
 
 
+def _say_point(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items())
+
+
 # ---- running points -----------------------------------------------------------------------------
 def _busbw_gbps(num_bytes: int, seconds: float, workers: int) -> float | None:
     """All-reduce bus bandwidth (NCCL-tests' definition): bytes x 2(n-1)/n per second, in GB/s."""
@@ -180,7 +215,7 @@ def run_to_target(sweep: SweepConfig, point: dict[str, Any], run_dir: Path) -> d
 
     from distrib.driver import Orchestrator
 
-    cfg = sweep.base.replace(**point, run_dir=str(run_dir), checkpoint_every=0)
+    cfg = sweep.run_config(point, run_dir=str(run_dir))
     with Orchestrator(cfg, progress=False) as orch:
         started = time.time()
         reached = None
@@ -207,9 +242,7 @@ def run_distrib_point(sweep: SweepConfig, point: dict[str, Any], run_dir: Path) 
 
     if sweep.target_top1:
         return run_to_target(sweep, point, run_dir)
-    # Checks and checkpoints off: the timed steps are training alone (a final check still runs).
-    cfg = sweep.base.replace(**point, steps=sweep.warmup_steps + sweep.timed_steps, run_dir=str(run_dir),
-                             check_every=0, checkpoint_every=0)
+    cfg = sweep.run_config(point, run_dir=str(run_dir))
     with Orchestrator(cfg, progress=False) as orch:
         orch.train(sweep.warmup_steps)
         timed = orch.train(sweep.timed_steps)
@@ -264,12 +297,13 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def run_sweep(sweep: SweepConfig, *, baseline: str | None = None, resume_dir: str | Path | None = None,
-              say=print) -> tuple[Path, list[dict]]:
-    """Run every point not yet in OUT_DIR/results.jsonl, then write the tables and plots."""
-    if baseline and sweep.target_top1:
-        raise ConfigError("--baseline: a time-to-accuracy sweep (target_top1) runs distrib's points only; "
-                          "drop --baseline or target_top1")
-    out_dir = _open_out_dir(sweep, resume_dir)
+              out_dir: Path | None = None, say=print) -> tuple[Path, list[dict]]:
+    """Run every point not yet in OUT_DIR/results.jsonl, then write the tables and plots.
+    `out_dir`: what check_out_dir returned for the same baseline and resume_dir (the CLI checks
+    before Ray starts); None checks here."""
+    out_dir = out_dir or check_out_dir(sweep, baseline=baseline, resume_dir=resume_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.yaml").write_text(_sweep_yaml(sweep))
     results_path = out_dir / "results.jsonl"
     done_ids = {row["point_id"] for row in _read_rows(results_path)}
     tools = ["distrib"] + ([baseline] if baseline else [])
@@ -290,28 +324,36 @@ def run_sweep(sweep: SweepConfig, *, baseline: str | None = None, resume_dir: st
         row = _row(sweep, tool, pid, point, measured)
         with results_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        say(f"point {index}/{len(todo)}: {tool} {', '.join(f'{k}={v}' for k, v in point.items())}: "
+        say(f"point {index}/{len(todo)}: {tool} {_say_point(point)}: "
             f"{row['images_per_s']:.1f} images/s ({time.perf_counter() - started:.0f} s)")
     rows = add_efficiency(_read_rows(results_path), sweep.scaling)
     write_outputs(out_dir, rows)
     return out_dir, rows
 
 
-def _open_out_dir(sweep: SweepConfig, resume_dir: str | Path | None) -> Path:
-    """OUT_DIR with sweep.yaml in it: a new one, or `resume_dir` if it holds this same sweep."""
-    out_dir = Path(resume_dir) if resume_dir else Path(sweep.out_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
-    saved = out_dir / "sweep.yaml"
-    description = yaml.safe_dump(_describe(sweep), sort_keys=False)
+def check_out_dir(sweep: SweepConfig, *, baseline: str | None = None,
+                  resume_dir: str | Path | None = None) -> Path:
+    """OUT_DIR, checked but not made, so that bad input leaves nothing behind: a new one (`{time}`
+    filled in now), or `resume_dir` if it holds this same sweep. ConfigError if it cannot be."""
+    if baseline and sweep.target_top1:
+        raise ConfigError("--baseline: a time-to-accuracy sweep (target_top1) runs distrib's points only; "
+                          "drop --baseline or target_top1")
     if resume_dir:
+        out_dir = Path(resume_dir)
+        saved = out_dir / "sweep.yaml"
+        if problem := unwritable(out_dir):
+            raise ConfigError(f"--resume {str(out_dir)!r} is invalid: {problem}; give a sweep's out_dir")
         if not saved.is_file():
             raise ConfigError(f"--resume {str(out_dir)!r} is invalid: no sweep.yaml there; give a sweep's out_dir")
-        if saved.read_text() != description:
+        if saved.read_text() != _sweep_yaml(sweep):
             raise ConfigError(f"--resume {str(out_dir)!r} is invalid: it holds a different sweep; "
                               "resume with the same sweep file")
-    elif (out_dir / "results.jsonl").exists():
+        return out_dir
+    out_dir = Path(sweep.out_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
+    if problem := unwritable(out_dir):
+        raise ConfigError(f"out_dir: {str(out_dir)!r} is invalid: {problem}; choose another out_dir")
+    if (out_dir / "results.jsonl").exists():
         raise ConfigError(f"out_dir: {str(out_dir)!r} already holds a sweep; resume it with --resume {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(description)
     return out_dir
 
 
@@ -337,6 +379,11 @@ def _row(sweep: SweepConfig, tool: str, pid: str, point: dict[str, Any], measure
             "grad_compression": cfg.grad_compression, "placement_strategy": cfg.placement_strategy,
             "scaling": sweep.scaling, "warmup_steps": sweep.warmup_steps, "timed_steps": sweep.timed_steps,
             **measured}
+
+
+def _sweep_yaml(sweep: SweepConfig) -> str:
+    """OUT_DIR/sweep.yaml: what a --resume must match."""
+    return yaml.safe_dump(_describe(sweep), sort_keys=False)
 
 
 def _describe(sweep: SweepConfig) -> dict:

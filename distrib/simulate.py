@@ -39,6 +39,8 @@ from pathlib import Path
 import ray
 
 from distrib.config import RunConfig
+from distrib.errors import ConfigError
+from distrib.preflight import unwritable
 
 SIM_CPUS_PER_WORKER = 0.01
 """CPUs reserved per simulated replica: it sleeps, so 128 fit a 2-CPU machine's Ray instance."""
@@ -87,11 +89,34 @@ def start_ray(address: str | None, workers: int) -> bool:
 
 def sim_config(workers: int, *, step_ms: float, steps: int, steps_per_call: int, calls_in_flight: int,
                check_every: int, run_dir: str, faults: str = "") -> RunConfig:
-    """A run of simulated replicas: CPU, gloo, no checkpoints, a tiny CPU reservation each."""
+    """A run of simulated replicas: CPU, gloo, no checkpoints, a tiny CPU reservation each.
+    ConfigError for one that cannot run."""
+    if not (math.isfinite(step_ms) and step_ms > 0):  # 0 would make them real replicas
+        raise ConfigError(f"step_ms: {step_ms!r} is invalid: must be > 0 (each simulated step's sleep, in ms)")
     return RunConfig(num_workers=workers, device="cpu", backend="gloo", cpus_per_worker=SIM_CPUS_PER_WORKER,
                      simulate_step_ms=step_ms, steps=steps, steps_per_call=steps_per_call,
                      calls_in_flight=calls_in_flight, check_every=check_every, checkpoint_every=0,
                      weights="none", faults=faults, run_dir=run_dir)
+
+
+def check(workers: list[int], *, steps_per_call: list[int], out_dir: Path | None, **run) -> None:
+    """ConfigError, before Ray starts and before anything is written, for a run or sweep that
+    cannot be measured: a point's config, steps that end within the warm-up, an out_dir that
+    cannot be made (None: nothing is written). `run`: sim_config's other arguments."""
+    for k in steps_per_call:
+        for n in workers:
+            cfg = sim_config(n, steps_per_call=k, run_dir="unused", **run)
+            warmup = warmup_steps(cfg)
+            if cfg.steps <= warmup:
+                raise ConfigError(f"steps: {cfg.steps} is invalid: it leaves no step after the {warmup} warm-up "
+                                  f"steps (steps_per_call={k}); run more than {warmup} steps")
+    if out_dir is not None and (problem := unwritable(out_dir)):
+        raise ConfigError(f"--out {str(out_dir)!r} is invalid: {problem}; choose another --out")
+
+
+def warmup_steps(cfg: RunConfig) -> int:
+    """The leading steps measure leaves out: WARMUP_FRACTION of them, at least calls_in_flight + 1 calls."""
+    return max(round(cfg.steps * WARMUP_FRACTION), cfg.steps_per_call * (cfg.calls_in_flight + 1))
 
 
 def simulate(cfg: RunConfig) -> Point:
@@ -109,7 +134,7 @@ def simulate(cfg: RunConfig) -> Point:
 def measure(cfg: RunConfig, history: list, timelines: list[list[tuple[str, int, float, float]]], *,
             checks_passed: int) -> Point:
     """The figures of a finished run from the driver's step metrics and each replica's timeline."""
-    warmup = max(round(cfg.steps * WARMUP_FRACTION), cfg.steps_per_call * (cfg.calls_in_flight + 1))
+    warmup = warmup_steps(cfg)
     timed = [m for m in history if m.step >= warmup]
     if not timed:
         raise ValueError(f"steps={cfg.steps} leaves no step after the {warmup} warm-up steps; run more steps")
@@ -229,7 +254,9 @@ def plot(points: list[Point], fits: list[Fit], path: Path) -> None:
 def sweep(workers: list[int], *, steps_per_call: list[int], out_dir: Path, say: Callable[[str], None],
           **run) -> tuple[list[Point], list[Fit]]:
     """Every (replicas, steps_per_call) point on the connected Ray, one after the other; writes
-    OUT_DIR/points.json and OUT_DIR/driver_cost.png. `run`: sim_config's other arguments."""
+    OUT_DIR/points.json and OUT_DIR/driver_cost.png. `run`: sim_config's other arguments. Bad
+    input is a ConfigError (check) before any point runs or anything is written."""
+    check(workers, steps_per_call=steps_per_call, out_dir=out_dir, **run)
     out_dir.mkdir(parents=True, exist_ok=True)
     points = []
     with tempfile.TemporaryDirectory() as runs:

@@ -82,6 +82,17 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
      "global_batch_size: 64 is invalid: must divide by every num_workers (3)"),
     ("base: {}\nsweep: {num_workers: 2}\n", "must be a non-empty list"),
     ("base: [1]\nsweep: {num_workers: [1]}\n", "sweep base: [1] is invalid"),
+    ("base: {eval_every: 5}\nsweep: {num_workers: [1]}\ntarget_top1: '0.5'\n",
+     "sweep target_top1: '0.5' is invalid: must be a number"),
+    ("base: {}\nsweep: {num_workers: [1]}\nglobal_batch_size: '64'\n", "sweep global_batch_size: '64' is invalid"),
+    ("base: {}\nsweep: {num_workers: [1]}\nout_dir: out/{name}\n", "sweep out_dir: 'out/{name}' is invalid"),
+    ("base: {}\nsweep: {num_workers: [1]}\nout_dir: out/a{\n", "may hold {time} (the start time) and no other"),
+    ("base: {}\nsweep: {num_workers: [1]}\nout_dir: 'out/{time:%Y}'\n", "may hold {time} (the start time)"),
+    # Valid for base.steps, not for a throughput point's warmup_steps + timed_steps (13 by default).
+    ("base: {steps: 100, warmup_steps: 20}\nsweep: {num_workers: [1, 2]}\n",
+     "sweep point num_workers=1: warmup_steps: 20 is invalid: must be >= 0 and shorter than the run (steps=13)"),
+    ("base: {steps: 100, lr_schedule: step, lr_milestones: [50]}\nsweep: {num_workers: [1]}\n",
+     "sweep point num_workers=1: lr_milestones: [50] is invalid"),
 ])
 def test_bad_sweep_files(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:
@@ -93,6 +104,35 @@ def test_strong_scaling_splits_the_global_batch(tmp_path):
     sweep = load_sweep(sweep_file(tmp_path, "base: {}\nsweep: {num_workers: [1, 2, 4]}\nscaling: strong\n"
                                             "global_batch_size: 64\n"))
     assert [(p["num_workers"], p["batch_size_per_worker"]) for p in sweep.points()] == [(1, 64), (2, 32), (4, 16)]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """connect_ray fails the test: the input must be refused before Ray starts (patched rather than
+    RAY_ADDRESS=127.0.0.1:9, which a Ray already running in this process would never try)."""
+    def connect_ray(address=None):
+        raise AssertionError("connect_ray was called before the bad input was found")
+
+    monkeypatch.setattr("distrib.cluster.connect_ray", connect_ray)
+
+
+@pytest.mark.parametrize(("out_dir", "resume", "message"), [
+    ("FILE", None, "out_dir: 'FILE' is invalid: 'FILE' is a file, not a folder; choose another out_dir"),
+    ("FILE/out", None, "out_dir: 'FILE/out' is invalid: 'FILE' is a file, not a folder"),
+    ("out", "FILE", "--resume 'FILE' is invalid: 'FILE' is a file, not a folder"),
+    ("out", "EMPTY", "--resume 'EMPTY' is invalid: no sweep.yaml there"),
+])
+def test_cli_scale_refuses_an_out_dir_before_ray(tmp_path, capsys, no_ray, out_dir, resume, message):
+    from distrib import cli
+
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "EMPTY").mkdir()
+    path = sweep_file(tmp_path, f"base: {{}}\nsweep: {{num_workers: [1]}}\nout_dir: {tmp_path / out_dir}\n")
+    argv = ["scale", "--config", str(path)] + (["--resume", str(tmp_path / resume)] if resume else [])
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.replace("FILE", str(tmp_path / "FILE")).replace("EMPTY", str(tmp_path / "EMPTY")) in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_cli_bad_sweep_exits_2(tmp_path):

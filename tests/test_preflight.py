@@ -55,7 +55,7 @@ def test_spares_count_against_the_local_cpus(tmp_path):
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("not a directory")
     done = train(tmp_path, "run_dir=taken/run")
-    assert_one_line_error(done, "run_dir: 'taken/run' is invalid", "is a file, not a directory")
+    assert_one_line_error(done, "run_dir: 'taken/run' is invalid", "is a file, not a folder")
 
 
 def test_missing_weights_file(tmp_path):

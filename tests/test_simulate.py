@@ -1,6 +1,6 @@
 """Simulated replicas (simreplica.py) through the real Orchestrator, with real Ray actors: checks
 compare their fingerprints, a killed one is healed by the driver's own recovery, and
-`distrib simulate` prints its figures."""
+`distrib simulate` prints its figures, or refuses bad input before Ray starts."""
 
 from __future__ import annotations
 
@@ -17,14 +17,16 @@ from distrib.simulate import sim_config
 WORKERS = 16
 
 
-# The shared local Ray instance: 16 simulated replicas reserve 0.01 CPU each.
-pytestmark = pytest.mark.usefixtures("ray_local")
+# The shared local Ray instance: 16 simulated replicas reserve 0.01 CPU each. (Per test: the
+# bad-input tests must not start it.)
+ray_local = pytest.mark.usefixtures("ray_local")
 
 
 def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@ray_local
 def test_sixteen_simulated_replicas_train_with_checks(tmp_path):
     cfg = sim_config(WORKERS, step_ms=2, steps=12, steps_per_call=2, calls_in_flight=2, check_every=4,
                      run_dir=str(tmp_path / "run"))
@@ -45,6 +47,7 @@ def test_sixteen_simulated_replicas_train_with_checks(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"]
 
 
+@ray_local
 def test_a_killed_simulated_replica_is_healed(tmp_path):
     run_dir = tmp_path / "run"
     cfg = sim_config(WORKERS, step_ms=2, steps=10, steps_per_call=1, calls_in_flight=2, check_every=5,
@@ -58,6 +61,7 @@ def test_a_killed_simulated_replica_is_healed(tmp_path):
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == list(range(10))  # each step once
 
 
+@ray_local
 def test_simulate_command_prints_the_figures(ray_address):
     done = subprocess.run([sys.executable, "-m", "distrib", "simulate", "--workers", "4", "--step-ms", "5",
                            "--steps", "20", "--address", ray_address],
@@ -67,6 +71,7 @@ def test_simulate_command_prints_the_figures(ray_address):
         assert figure in done.stdout, done.stdout
 
 
+@ray_local
 def test_checkpoints_closer_than_the_queued_steps_each_hold_their_own_step(tmp_path):
     """With a checkpoint after every step, the driver queues the next checkpoints' snapshots
     before it takes the first one's: each file must still hold the state after its own step
@@ -81,3 +86,29 @@ def test_checkpoints_closer_than_the_queued_steps_each_hold_their_own_step(tmp_p
     saved = [checkpoint.read(path) for path in checkpoint.on_disk(tmp_path / "run")]
     assert [c.step for c in saved] == list(range(1, 25))
     assert [snapshot_step(c.payload) for c in saved] == list(range(1, 25))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sweep", "2,x"], "--sweep '2,x' is invalid: give comma-separated integers"),
+    (["--sweep", "2,"], "--sweep '2,' is invalid"),
+    (["--workers", "2", "--steps-per-call", "a"], "--steps-per-call 'a' is invalid"),
+    (["--workers", "2", "--step-ms", "0"], "step_ms: 0.0 is invalid: must be > 0"),
+    (["--workers", "2", "--step-ms", "-1"], "step_ms: -1.0 is invalid"),
+    (["--workers", "0"], "num_workers: 0 is invalid: must be >= 1"),
+    (["--workers", "2", "--steps", "2"], "steps: 2 is invalid: it leaves no step after the 2 warm-up steps"),
+    (["--sweep", "2,4", "--steps-per-call", "1,8", "--steps", "12"], "after the 16 warm-up steps (steps_per_call=8)"),
+    (["--sweep", "2,4", "--out", "FILE"], "--out 'FILE' is invalid: 'FILE' is a file, not a folder"),
+    (["--sweep", "2,4", "--out", "FILE/sim"], "--out 'FILE/sim' is invalid: 'FILE' is a file, not a folder"),
+])
+def test_simulate_refuses_bad_input_before_ray(tmp_path, capsys, monkeypatch, args, message):
+    from distrib import cli
+
+    def start_ray(address, workers):
+        raise AssertionError("start_ray was called before the bad input was found")
+
+    monkeypatch.setattr("distrib.simulate.start_ray", start_ray)
+    (tmp_path / "FILE").write_text("")
+    args = [arg.replace("FILE", str(tmp_path / "FILE")) for arg in args]
+    assert cli.main(["simulate", "--step-ms", "5", *args]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("FILE", str(tmp_path / "FILE")) in err and len(err.splitlines()) == 1, err
