@@ -21,15 +21,16 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
 import torch
 import torchvision
 
-from distrib import checkpoint, evaluation, storage
+from distrib import checkpoint, evaluation, folders, storage
 from distrib.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from distrib.errors import ConfigError
+from distrib.errors import CheckpointError, ConfigError, first_line
 from distrib.metrics import EvalMetrics, combine_evals
 from distrib.storage import RemotePath
 
@@ -54,42 +55,55 @@ def from_run(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def export(run_dir: str | Path, out: str | Path | None = None) -> Path | RemotePath:
     """Write the run's newest valid weights as a plain resnet18 state_dict at `out` (default
     RUN_DIR/model.pth; ./model.pth for a URI), with its metadata at the same path ending in .json.
-    `out` may be a URI: both are then uploaded, each object whole. Either way both appear whole
-    or not at all."""
-    target = None
-    if out is not None and storage.is_uri(str(out)):
-        storage.check_writable(str(out), what="--out")
-        target = storage.locate(str(out), what="--out")
+    ConfigError, with nothing written, for an `out` ending in .json (the two would be one file) or
+    whose .pth or .json is a folder. Locally both appear whole or neither changes; a URI's two
+    objects are uploaded each whole, the .json after the .pth (object stores have no rename)."""
+    if out is None:
+        out = Path("model.pth") if storage.is_uri(str(run_dir)) else Path(run_dir) / "model.pth"
+    target = storage.locate(str(out), what="--out")
+    if target.name.lower().endswith(".json"):
+        raise ConfigError(f"--out: {str(out)!r} is invalid: the metadata is written beside the weights as .json, "
+                          "so the weights cannot be .json too; give a path ending in .pth")
+    storage.check_writable(str(out), what="--out")  # a URI only: no credentials, no bucket
     state, meta = from_run(run_dir)
-    if target is not None:
+    meta_bytes = json.dumps(meta, indent=2).encode() + b"\n"
+    if isinstance(target, RemotePath):
         weights = io.BytesIO()
         torch.save(state, weights)
         storage.write_whole(target, [weights.getvalue()])
-        storage.write_whole(target.with_suffix(".json"), [json.dumps(meta, indent=2).encode() + b"\n"])
+        storage.write_whole(target.with_suffix(".json"), [meta_bytes])
         return target
-    if out is None:
-        out = Path("model.pth") if storage.is_uri(str(run_dir)) else Path(run_dir) / "model.pth"
-    out = Path(out)
-    _write_atomically(out, lambda f: torch.save(state, f))
-    _write_atomically(out.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
-    return out
+    _write_pair(target, state, meta_bytes)
+    return target
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _write_pair(out: Path, state: dict[str, torch.Tensor], meta_bytes: bytes) -> None:
+    """`state` at `out` and `meta_bytes` at `out` with .json: each written to a temporary file
+    beside it, then both renamed, so both appear whole or neither changes (ConfigError if not)."""
+    sidecar = out.with_suffix(".json")
+    for path in (out, sidecar):
+        if path.is_dir():  # a rename onto a folder fails: after the first rename, that would be half a pair
+            raise ConfigError(f"--out: {str(path)!r} is a folder, where export writes a file; remove it "
+                              "or give another --out")
+    temps = [out.with_name(out.name + ".tmp"), sidecar.with_name(sidecar.name + ".tmp")]
     try:
-        with tmp.open("wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        with temps[0].open("wb") as f:
+            torch.save(state, f)
+        temps[1].write_bytes(meta_bytes)
+        os.replace(temps[0], out)
+        os.replace(temps[1], sidecar)
     except OSError as err:
-        with contextlib.suppress(OSError):  # nothing half-written left behind, where there is a folder
-            tmp.unlink()
-        raise ConfigError(f"--out: {str(path)!r} cannot be written ({err.strerror}); "
+        raise ConfigError(f"--out: {str(out)!r} cannot be written ({err.strerror}); "
                           "choose a path in a writable folder") from None
+    finally:  # nothing half-written left behind, whatever stopped it (after a success, none is left)
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata) from a run directory or an exported .pth with its .json beside it."""
+    """(state_dict, metadata) from a run directory or an exported .pth with its .json beside it;
+    CheckpointError for a .pth or .json that cannot be read."""
     if storage.is_uri(str(source)):
         return from_run(source)
     source = Path(source)
@@ -99,17 +113,29 @@ def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not source.is_file() or not sidecar.is_file():
         raise ConfigError(f"model: {str(source)!r} is invalid: give a run directory or a file written by "
                           "distrib export (a .pth with its .json beside it)")
-    return torch.load(source, map_location="cpu", weights_only=True), json.loads(sidecar.read_text())
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        # torch's own message runs to many lines: the file and the error's type say enough
+        raise CheckpointError(f"model: {str(source)!r} is unreadable: torch.load fails ({type(err).__name__}); "
+                              "give a .pth written by distrib export") from None
+    try:
+        return state, json.loads(sidecar.read_text())
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"model: {str(sidecar)!r} is unreadable ({first_line(err)}); give the .json "
+                              "distrib export wrote beside the .pth") from None
 
 
 def evaluate_folder(source: str | Path, data_dir: str | Path, *, batch_size: int = 64,
                     loader_workers: int = 2) -> EvalMetrics:
     """Loss, top-1 and top-5 of the model at `source` on the ImageFolder at `data_dir`, whose
-    classes must be the model's (by name)."""
+    classes must be the model's (by name). ConfigError or CheckpointError, one line, for bad input;
+    the cheap checks come before the model is read."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: {batch_size} is invalid: must be >= 1; give the images per batch")
+    folders.nonempty_tree("--data", str(data_dir))  # the check training makes of data_dir
     state, meta = load(source)
     transform = eval_transform(meta["image_size"], normalize=meta["mean"] is not None)
-    if not Path(data_dir).is_dir():
-        raise ConfigError(f"--data: {str(data_dir)!r} is invalid: no such directory; give an ImageFolder root")
     dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform)
     if dataset.classes != meta["classes"]:
         differ = sorted(set(meta["classes"]) ^ set(dataset.classes))

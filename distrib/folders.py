@@ -44,12 +44,12 @@ def check(cfg: RunConfig) -> None:
     """ConfigError (one line, with the fix) for folders a run cannot train or evaluate on."""
     if cfg.data != "folder":
         return
-    counts = _nonempty_tree("data_dir", cfg.data_dir)
+    counts = nonempty_tree("data_dir", cfg.data_dir)
     if len(counts) > cfg.num_classes:  # class indices past the head would fail in the first step
         raise ConfigError(f"num_classes: {cfg.num_classes} is invalid: data_dir {cfg.data_dir!r} has "
                           f"{len(counts)} classes; set num_classes: {len(counts)}")
     if cfg.val_dir:
-        val_counts = _nonempty_tree("val_dir", cfg.val_dir)
+        val_counts = nonempty_tree("val_dir", cfg.val_dir)
         missing_in_val = sorted(set(counts) - set(val_counts))
         missing_in_train = sorted(set(val_counts) - set(counts))
         if missing_in_val or missing_in_train:
@@ -66,7 +66,7 @@ def check(cfg: RunConfig) -> None:
                               f"({images}) with none to train on; lower it or add images")
 
 
-def _nonempty_tree(key: str, root: str) -> dict[str, int]:
+def nonempty_tree(key: str, root: str) -> dict[str, int]:
     if not Path(root).is_dir():
         raise ConfigError(f"{key}: {root!r} is invalid: no such directory; point it at an ImageFolder root "
                           "(one sub-folder per class)")

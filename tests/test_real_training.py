@@ -3,6 +3,7 @@ held-out evaluation, learning-rate schedules, seeded augmentation, export, and b
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from distrib import ConfigError, Orchestrator, RunConfig, cli
+from distrib import ConfigError, Orchestrator, RunConfig, checkpoint, cli
 from distrib.data import training_dataset
 from distrib.model import load_weights
 from distrib.schedule import lr_at
@@ -182,3 +183,63 @@ def test_export_errors_are_one_line_exit_2(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "(raylet)" not in line]
     assert len(err) == 1 and "cannot be written" in err[0], err
     assert cli.main(["export", str(run_dir)]) == 0 and (run_dir / "model.pth").is_file()
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    """A run directory holding one checkpoint of an untrained 2-class resnet18, written directly:
+    export and evaluate read it as a trained run's, with no training (and no Ray) to make it."""
+    run_dir = tmp_path_factory.mktemp("resnet") / "run"
+    payload = io.BytesIO()
+    torch.save({"model": torchvision.models.resnet18(num_classes=2).state_dict()}, payload)
+    checkpoint.write(run_dir, step=1, cfg=RunConfig(num_classes=2, image_size=32, steps=1),
+                     payload=payload.getvalue(), keep=1)
+    return run_dir
+
+
+def one_line_error(capsys) -> str:
+    """The command's one line on stderr (less Ray's own processes' warnings, as above)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "(raylet)" not in line]
+    assert len(err) == 1 and err[0].startswith("distrib: error: "), err
+    return err[0]
+
+
+def test_export_refuses_an_out_ending_in_json(resnet_run, tmp_path, capsys):
+    """The metadata goes to --out with .json: a .json --out would be the same file, the weights lost."""
+    assert cli.main(["export", str(resnet_run), "--out", str(tmp_path / "model.json")]) == 2
+    assert "give a path ending in .pth" in one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_writes_both_files_or_changes_neither(resnet_run, tmp_path, capsys):
+    out = tmp_path / "model.pth"
+    out.write_bytes(b"an older export")
+    (tmp_path / "model.json").mkdir()  # the metadata cannot be written: the weights must not be either
+    assert cli.main(["export", str(resnet_run), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"an older export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pth"]  # no temporary file left
+    assert f"'{tmp_path / 'model.json'}' is a folder" in one_line_error(capsys)
+    (tmp_path / "model.json").rmdir()
+    assert cli.main(["export", str(resnet_run), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pth"]
+    assert json.loads((tmp_path / "model.json").read_text())["step"] == 1
+    torchvision.models.resnet18(num_classes=2).load_state_dict(torch.load(out, weights_only=True))
+
+
+@pytest.mark.parametrize(("model", "data", "more", "message"), [
+    ("RUN", "good", ["--batch-size", "0"], "--batch-size: 0 is invalid: must be >= 1"),
+    ("RUN", "empty", [], "--data: '{TMP}/empty' is invalid: it has no class folders"),
+    ("RUN", "no-images", [], "--data: '{TMP}/no-images' is invalid: class folder '0' holds no images"),
+    ("bad.pth", "good", [], "model: '{TMP}/bad.pth' is unreadable: torch.load fails (UnpicklingError)"),
+])
+def test_evaluate_bad_input_is_one_line_exit_2(resnet_run, tmp_path, capsys, model, data, more, message):
+    for name in ("0", "1"):  # the model's classes; no image is read before these errors
+        (tmp_path / "good" / name).mkdir(parents=True)
+        (tmp_path / "good" / name / "a.png").write_bytes(b"")
+        (tmp_path / "no-images" / name).mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.pth").write_bytes(b"not a torch file\n")
+    (tmp_path / "bad.json").write_text("{}\n")
+    model = str(resnet_run) if model == "RUN" else str(tmp_path / model)
+    assert cli.main(["evaluate", model, "--data", str(tmp_path / data), *more]) == 2
+    assert message.replace("{TMP}", str(tmp_path)) in one_line_error(capsys)
