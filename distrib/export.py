@@ -143,7 +143,11 @@ def evaluate_folder(source: str | Path, data_dir: str | Path, *, batch_size: int
                           f"difference: {differ[0] if differ else 'their order'!r}); give the same class folders")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = torchvision.models.resnet18(num_classes=meta["num_classes"])
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # torch lists every key and shape that differs, over many lines
+        raise CheckpointError(f"model: {str(source)!r} is not a resnet18 with {meta['num_classes']} classes "
+                              f"({first_line(err)}); give a .pth written by distrib export") from None
     model.to(device).eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers)
     batches = ((images.to(device), targets.to(device)) for images, targets in loader)
