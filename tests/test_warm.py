@@ -68,3 +68,19 @@ def test_a_kept_group_serves_the_next_run_of_its_shape_with_the_same_numbers(sma
     with keep_warm(False):
         assert wait_gone(last_pids)
         assert [pg["state"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"] == []
+
+
+def test_a_group_kept_from_an_ended_ray_connection_is_dropped_not_called(small_cfg):
+    """After ray.shutdown() and a new ray.init(), the kept handles belong to a cluster (or job)
+    that is gone: calling them raises in Ray's core worker. They are dropped unread."""
+
+    class Gone:  # any call on it fails the test
+        def __getattr__(self, name):
+            raise AssertionError(f"a handle of an ended connection was called: {name}")
+
+    stale_shape = ("127.0.0.1:1", "a node of another session", "01000000", *warm.shape(small_cfg)[3:])
+    with keep_warm():
+        warm.keep(warm.KeptGroup(stale_shape, Gone(), [Gone(), Gone()], [0, 1], None), [])
+        assert warm.take(small_cfg) is None
+        warm.keep(warm.KeptGroup(stale_shape, Gone(), [Gone(), Gone()], [0, 1], None), [])
+        warm.release()
