@@ -109,12 +109,16 @@ def _load(path: Path, name: str) -> Run:
     if not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"{str(path)!r} has no metrics.jsonl: give a run directory that distrib train wrote")
     records = _read_lines(path / "metrics.jsonl")
-    summary_file = path / "summary.json"
-    return Run(path=path, name=name,
-               steps=sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r["step"]),
-               evals=[r for r in records if r.get("kind") == "eval"],
-               events=_read_lines(path / "events.jsonl") if (path / "events.jsonl").exists() else [],
-               summary=_read_summary(summary_file) if summary_file.exists() else None)
+    events, summary_file = path / "events.jsonl", path / "summary.json"
+    try:
+        return Run(path=path, name=name,
+                   steps=sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r["step"]),
+                   evals=[r for r in records if r.get("kind") == "eval"],
+                   events=_read_lines(events) if events.exists() else [],
+                   summary=_read_summary(summary_file) if summary_file.exists() else None)
+    except OSError as err:  # e.g. a folder where the driver writes a file
+        raise ConfigError(f"{str(path)!r}: {err.strerror or err} ({err.filename}); "
+                          "give a run directory that distrib train wrote") from None
 
 
 def _read_summary(path: Path) -> dict:

@@ -204,3 +204,13 @@ def test_damaged_records_are_one_line_errors(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"distrib: error: {str(run / 'metrics.jsonl')!r} line 4 is '5', not a JSON object; fix or delete that line"]
     assert not (run / "report").exists()
+
+
+def test_a_folder_where_a_log_belongs_is_a_one_line_error(tmp_path):
+    run = _write_run(tmp_path / "run", [_step(s, loss=2.0, wall_s=0.25) for s in range(3)])
+    (run / "events.jsonl").mkdir()
+    result = _report(str(run), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"distrib: error: {str(run)!r}: Is a directory ({run / 'events.jsonl'}); "
+        "give a run directory that distrib train wrote"]
