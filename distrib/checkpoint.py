@@ -135,14 +135,16 @@ def newest_valid(run_dir: str | Path | RemotePath) -> tuple[Checkpoint, list[str
                           "a run writes one every checkpoint_every steps")
 
 
-def check_compatible(checkpoint: Checkpoint, cfg: RunConfig) -> None:
+def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, *, resolved: bool = True) -> None:
     """CheckpointError naming the first key (outside RESUMABLE_KEYS; steps too under a cosine
-    schedule) that differs."""
+    schedule) that differs. `resolved` False: `cfg` may still hold `auto` (before Ray shows the
+    cluster), and such keys are left to the check after resolving."""
     current = to_dict(cfg)
     for key, value in checkpoint.config.items():
         # A cosine schedule decays to 0 at `steps`: changing it changes every later step's rate.
         fixed = key == "steps" and cfg.lr_schedule == "cosine"
-        if (key not in RESUMABLE_KEYS or fixed) and current.get(key) != value:
+        unknown = not resolved and current.get(key) == "auto"
+        if (key not in RESUMABLE_KEYS or fixed) and not unknown and current.get(key) != value:
             raise CheckpointError(f"{checkpoint.path} is from a different run: {key} is {value!r} there, "
                                   f"{current.get(key)!r} here; resume with the same {key}")
     if checkpoint.step > cfg.steps:

@@ -30,7 +30,7 @@ from typing import Literal
 
 import ray
 
-from distrib import cadence, comm, faults, folders, preflight, recovery
+from distrib import cadence, checkpoint, comm, faults, folders, preflight, recovery
 from distrib.cluster import cluster_gpus, connect_ray
 from distrib.config import RunConfig
 from distrib.errors import ConfigError, DivergenceError, ReplicaError
@@ -76,6 +76,8 @@ class Orchestrator(RecoveryPolicy):
         self.progress = progress
         self.resume_dir = resume_dir  # a path or a URI: Path() would turn s3://b/k into s3:/b/k
         self._resume_from = None if resume_dir is None else RunDir.newest_to_resume(resume_dir, say=self._say)
+        if self._resume_from is not None:  # before Ray starts; again in start(), with `auto` resolved
+            checkpoint.check_compatible(self._resume_from, cfg, resolved=False)
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []

@@ -91,6 +91,23 @@ def test_a_checkpoint_from_another_config_is_refused(tmp_path):
         checkpoint.check_compatible(ckpt, CFG.replace(steps=1))
 
 
+def test_a_resume_that_changes_the_maths_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """The Orchestrator reads the checkpoint when it is made: a key that would change the numbers
+    is refused there, before start() connects to Ray. A key left `auto` (resolved only once Ray
+    shows the cluster) is checked at start."""
+    import ray
+
+    from distrib.driver import Orchestrator
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    resolved = CFG.replace(device="cpu", backend="gloo", precision="fp32", run_dir=str(tmp_path))
+    checkpoint.write(tmp_path, step=2, cfg=resolved, payload=b"state", keep=1)
+    with pytest.raises(CheckpointError, match="from a different run: lr is 0.01 there, 0.1 here"):
+        Orchestrator(resolved.replace(lr=0.1), resume_dir=tmp_path, progress=False)
+    Orchestrator(resolved.replace(device="auto", backend="auto", precision="auto"), resume_dir=tmp_path,
+                 progress=False)
+
+
 @pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_snapshot_holds_the_state_as_begun_while_the_steps_go_on(device, prepared):
