@@ -113,4 +113,8 @@ def cause_of(err: ray.exceptions.RayError) -> str:
     """'Type: first line' of the exception a replica raised (for an OutOfDiskError, what to do)."""
     cause = getattr(err, "cause", None) or err
     text = OUT_OF_DISK if isinstance(cause, ray.exceptions.OutOfDiskError) else first_line(cause)
+    if text.startswith("Caught ") and "in DataLoader worker" in text:
+        # torch re-raises a loader process's error as "Caught E in DataLoader worker process N."
+        # and puts the error's own text (the file, the fix) last, after the worker's traceback.
+        text = str(cause).strip().splitlines()[-1].removeprefix(f"{type(cause).__name__}: ")
     return f"{type(cause).__name__}: {text}"

@@ -32,7 +32,8 @@ RESUMABLE_KEYS = frozenset({
     "steps", "check_every", "checkpoint_every", "keep_checkpoints", "max_restarts", "steps_per_call",
     "calls_in_flight", "start_timeout_s", "step_timeout_s", "hang_timeout_factor", "hang_timeout_min_s",
     "placement_strategy", "loader_workers", "faults", "run_dir", "stop_grace_s", "eval_every", "eval_size",
-    "val_dir", "recovery", "spare_workers", "stall_timeout_s", "tensorboard", "prometheus", "straggler_fraction",
+    "val_dir", "recovery", "spare_workers", "stall_timeout_s", "elastic_wait_s", "tensorboard", "prometheus",
+    "straggler_fraction",
 })
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from distrib import config, folders, preflight, storage
+from distrib import config, preflight, storage
 from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError, StoppedAtOnce
 
 
@@ -123,11 +123,18 @@ def _train(args: argparse.Namespace) -> int:
         saved = storage.locate(args.resume, what="--resume") / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume!r} is invalid: no config.yaml there; give a run directory")
+        if any(pair.split("=", 1)[0].strip() == "run_dir" for pair in args.overrides):
+            raise ConfigError("--set run_dir with --resume: a resumed run stays in the directory it resumes; "
+                              "copy the run directory elsewhere and resume the copy")
         if isinstance(saved, Path):
-            cfg = config.load(saved, args.overrides)
-        else:  # on object storage: config.load reads local files only
-            values = yaml.safe_load(saved.read_text()) or {}
-            cfg = config.from_dict({**values, **config.parse_overrides(list(args.overrides))})
+            values = config.read_yaml(saved, what="run's config.yaml")
+        else:  # on object storage: read_yaml reads local files only
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "config.yaml"
+                local.write_bytes(saved.read_bytes())
+                values = config.read_yaml(local, what="run's config.yaml")
+        # The run is where it is resumed from, whatever config.yaml says (a moved or copied run).
+        cfg = config.from_dict({**values, **config.parse_overrides(list(args.overrides)), "run_dir": str(args.resume)})
     else:
         cfg = config.load(args.config, args.overrides)
     # Before Ray starts: what can never run is a one-line error in a second.
@@ -212,7 +219,9 @@ def _scale(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
-    folders.check(cfg)
+    # The paths `train` checks before Ray starts (not whether this machine could hold the run:
+    # a config is often checked on a laptop for a cluster).
+    preflight.check(cfg, local=False)
     print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
     return 0
 

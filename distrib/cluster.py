@@ -14,7 +14,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from distrib.config import RunConfig
-from distrib.errors import PlacementError
+from distrib.errors import ConfigError, PlacementError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,11 @@ def connect_ray(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ValueError, ConnectionError) as err:  # a malformed address, or nothing answers there
+            raise ConfigError(f"--address {address!r} (or RAY_ADDRESS) is invalid: {first_line(err)}; give HOST:PORT "
+                              "of a Ray head (GCS port, 6379 by default), auto, or ray://HOST:10001") from None
         return False
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     return True

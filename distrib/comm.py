@@ -41,9 +41,12 @@ def resolve_backend(backend: str, device: str, gpus_per_worker: float = 1.0) -> 
 def resolve_config(cfg: RunConfig, *, cluster_gpus: float) -> RunConfig:
     """`cfg` with every `auto` replaced by what this cluster gets: GPU speed settings on cuda, fp32 on cpu."""
     device = resolve_device(cfg.device, cluster_gpus)
+    backend = resolve_backend(cfg.backend, device, cfg.gpus_per_worker)
     return cfg.replace(
         device=device,
-        backend=resolve_backend(cfg.backend, device, cfg.gpus_per_worker),
+        backend=backend,
+        # Heals that shrink the group run on gloo only: where auto picks NCCL, min_workers has no effect.
+        min_workers=cfg.min_workers if backend != "nccl" else 0,
         precision=cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32"),
         decoder=cfg.decoder if cfg.decoder != "auto" else "torchvision",
         loader_workers=cfg.loader_workers if cfg.loader_workers != "auto" else max(1, int(cfg.cpus_per_worker) - 1),

@@ -95,7 +95,7 @@ class RunConfig:
     decoder: Literal["auto", "pil", "torchvision", "nvjpeg"] = "auto"
     """Folder data only: how images are decoded. `torchvision` (`auto`): torchvision.io in the
     loader worker processes (JPEG with libjpeg-turbo, the pixels PIL gives in half the time; PNG,
-    GIF, WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, each
+    WebP). `pil`: PIL in the loader workers (any format PIL reads). `nvjpeg`: JPEG only, each
     shard decoded as one batch with nvJPEG, cropped, resized and flipped on the GPU while the
     step before trains (distrib/jpeg.py). Crops and flips follow the (seed, sample position) contract."""
     val_dir: str = ""
@@ -243,6 +243,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is int:
         rule(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         rule(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
         value = float(value)
     elif hint is str:

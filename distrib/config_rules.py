@@ -7,6 +7,7 @@ RunConfig runs `check` on construction (config.py); the sweep file's own keys us
 
 from __future__ import annotations
 
+import math
 import string
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,21 @@ def check(cfg: RunConfig) -> None:
     """ConfigError for the first rule `cfg` breaks."""
     _check_ranges(cfg)
     _check_recovery(cfg)
+    _check_runnable(cfg)
+
+
+def _check_runnable(cfg: RunConfig) -> None:
+    """Values each in range that still cannot run."""
+    for key in ("start_timeout_s", "step_timeout_s", "stop_grace_s", "hang_timeout_min_s", "elastic_wait_s",
+                "stall_timeout_s"):  # Ray and datetime take whole milliseconds: infinity overflows there
+        rule(math.isfinite(getattr(cfg, key)), key, getattr(cfg, key), "must be a finite number of seconds")
+    # resnet18's last stage is image_size / 32 pixels a side: a BatchNorm there needs 2+ values per channel.
+    side = -(-cfg.image_size // 32)
+    stats_batch = cfg.batch_size_per_worker * (cfg.num_workers if cfg.batchnorm == "sync" else 1)
+    rule(cfg.batchnorm == "frozen" or stats_batch * side * side > 1, "batch_size_per_worker",
+         cfg.batch_size_per_worker, f"BatchNorm in training needs 2+ values per channel, and at image_size "
+         f"{cfg.image_size} resnet18's last stage has 1 per image: raise the batch or image_size, or use "
+         "batchnorm: frozen (or sync with 2+ workers)")
 
 
 def rule(ok: bool, key: str, value: Any, text: str) -> None:

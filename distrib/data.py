@@ -130,8 +130,8 @@ def pil_rgb(path: str) -> torch.Tensor:
 
 
 def torchvision_rgb(path: str) -> torch.Tensor:
-    """decoder: torchvision. JPEG (libjpeg-turbo: the pixels PIL gives, in half the time), PNG,
-    GIF or WebP, as a (3, H, W) uint8 tensor; a file it cannot decode is named."""
+    """decoder: torchvision. JPEG (libjpeg-turbo: the pixels PIL gives, in half the time), PNG
+    or WebP, as a (3, H, W) uint8 tensor; a file it cannot decode is named."""
     try:
         return torchvision.io.decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
     except RuntimeError as err:

@@ -79,7 +79,7 @@ def nonempty_tree(key: str, root: str) -> dict[str, int]:
     return counts
 
 
-DECODES = {"nvjpeg": (".jpg", ".jpeg"), "torchvision": (".jpg", ".jpeg", ".png", ".gif", ".webp")}
+DECODES = {"nvjpeg": (".jpg", ".jpeg"), "torchvision": (".jpg", ".jpeg", ".png", ".webp")}
 """The image files each decoder reads, by extension (pil reads all of IMAGE_EXTENSIONS)."""
 
 
@@ -89,6 +89,8 @@ def _check_formats(root: str, decoder: str) -> None:
     if readable is None:
         return
     for folder, _, files in os.walk(root, followlinks=True):
+        if os.path.samefile(folder, root):
+            continue  # files beside the class folders: ImageFolder never reads them
         for name in sorted(files):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.lower().endswith(readable):
                 raise ConfigError(f"decoder: {decoder} reads {', '.join(readable)} files, not "

@@ -57,6 +57,8 @@ def test_config_is_frozen():
     ("", ["run_dir=runs/{name}"], "run_dir: 'runs/{name}' is invalid: may hold {time} (the start time) and no other"),
     ("", ["run_dir=runs/a{"], "run_dir: 'runs/a{' is invalid: may hold {time}"),
     ("", ["run_dir={time}"], "must be a string; quote a value that starts with {"),
+    ("", ["start_timeout_s=.inf"], "start_timeout_s: inf is invalid: must be a finite number of seconds"),
+    ("", ["batch_size_per_worker=1", "image_size=32"], "batch_size_per_worker: 1 is invalid: BatchNorm in training"),
 ])
 def test_bad_values_name_key_value_and_rule(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as err:
@@ -86,6 +88,24 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"steps: 3\nlr: \xff\n")
     with pytest.raises(ConfigError, match=r"not UTF-8 text \(invalid start byte at byte 13\); save it as UTF-8"):
         config.load(path, [])
+
+
+def test_a_number_yaml_reads_as_a_string_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float key takes it as 0.001."""
+    assert config.load(write(tmp_path, "lr: 1e-3\nweight_decay: 5e-4\n")).lr == 0.001
+    assert config.load(write(tmp_path, "batch_size_per_worker: 1\nimage_size: 64\n")).batch_size_per_worker == 1
+
+
+def test_cli_refuses_a_bad_address_and_a_moved_run_dir_in_one_line(tmp_path, capsys):
+    from distrib import cli
+
+    assert cli.main(["train", "--address", "nonsense", "--set", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "--address 'nonsense' (or RAY_ADDRESS) is invalid: Invalid address format" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.yaml").write_text("steps: 3\n")
+    assert cli.main(["train", "--resume", str(tmp_path / "old"), "--set", "run_dir=elsewhere"]) == 2
+    assert "--set run_dir with --resume: a resumed run stays in the directory it resumes" in capsys.readouterr().err
 
 
 def test_run_dir_may_hold_time_and_literal_braces():

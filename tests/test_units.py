@@ -259,3 +259,45 @@ def test_the_driver_imports_no_torch():
             "state = pickle.loads(sys.stdin.buffer.read()); print(len(state.data), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], input=taken, capture_output=True, timeout=120)
     assert done.stdout.decode().split() == ["68", "False"], done.stderr.decode()  # 48 bytes, then 4 at 64
+
+
+def test_a_loader_process_error_is_named_by_its_own_last_line():
+    """torch re-raises an error of a DataLoader worker as 'Caught E in DataLoader worker process N.'
+    and puts the error's own text (the file, the fix) last: that text is what the run reports."""
+    from distrib import blame
+
+    class Unreadable(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index):
+            raise ValueError("decoder: torchvision cannot read '/data/cat/a.jpg'; fix it, or set decoder: pil")
+
+    with pytest.raises(ValueError) as err:
+        next(iter(torch.utils.data.DataLoader(Unreadable(), num_workers=1)))
+    assert str(err.value).startswith("Caught ValueError in DataLoader worker process 0.")
+    assert blame.cause_of(err.value) == ("ValueError: decoder: torchvision cannot read '/data/cat/a.jpg'; "
+                                         "fix it, or set decoder: pil")
+
+
+def test_where_auto_picks_nccl_min_workers_has_no_effect():
+    from distrib import comm
+
+    on_gpus = comm.resolve_config(RunConfig(num_workers=4, min_workers=2), cluster_gpus=8)
+    assert (on_gpus.backend, on_gpus.min_workers) == ("nccl", 0)
+    on_cpus = comm.resolve_config(RunConfig(num_workers=4, min_workers=2), cluster_gpus=0)
+    assert (on_cpus.backend, on_cpus.min_workers) == ("gloo", 2)
+
+
+def test_files_beside_the_class_folders_are_not_checked(tmp_path):
+    """ImageFolder reads only the class folders: a preview.bmp at the root is never decoded."""
+    from distrib import folders
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_bytes(b"")
+    (tmp_path / "preview.bmp").write_bytes(b"")
+    folders.check(RunConfig(data="folder", data_dir=str(tmp_path), num_classes=2))
+    (tmp_path / "cat" / "b.bmp").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"decoder: auto reads .* not '.*/cat/b.bmp'"):
+        folders.check(RunConfig(data="folder", data_dir=str(tmp_path), num_classes=2))
