@@ -126,13 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         if any(pair.split("=", 1)[0].strip() == "run_dir" for pair in args.overrides):
             raise ConfigError("--set run_dir with --resume: a resumed run stays in the directory it resumes; "
                               "copy the run directory elsewhere and resume the copy")
-        if isinstance(saved, Path):
-            values = config.read_yaml(saved, what="run's config.yaml")
-        else:  # on object storage: read_yaml reads local files only
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / "config.yaml"
-                local.write_bytes(saved.read_bytes())
-                values = config.read_yaml(local, what="run's config.yaml")
+        values = config.read_yaml(saved, what="run's config.yaml")  # a local path or on object storage
         # The run is where it is resumed from, whatever config.yaml says (a moved or copied run).
         cfg = config.from_dict({**values, **config.parse_overrides(list(args.overrides)), "run_dir": str(args.resume)})
     else:

@@ -253,8 +253,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         # YAML reads an unquoted value that starts with { as a mapping: `run_dir: {time}/x`.
         rule(isinstance(value, str), key, value,
-              "must be a string; quote a value that starts with {, as in run_dir: \"{time}\""
-              if isinstance(value, dict) else "must be a string")
+             "must be a string; quote a value that starts with {, as in run_dir: \"{time}\""
+             if isinstance(value, dict) else "must be a string")
     return value
 
 
@@ -296,7 +296,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> dict[str, Any]:
     """The mapping in a YAML file ({} for an empty one); ConfigError naming the file, and the
     line and column of a syntax error, when it is missing, malformed or not a mapping."""
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path  # a Path, or a storage.RemotePath
     if not path.is_file():
         raise ConfigError(f"config: {str(path)!r} is invalid: no such file; pass an existing {what}")
     try:

@@ -50,9 +50,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     rule(cfg.num_workers >= 1, "num_workers", cfg.num_workers, "must be >= 1")
     rule(cfg.cpus_per_worker > 0, "cpus_per_worker", cfg.cpus_per_worker, "must be > 0")
     rule(0 < cfg.gpus_per_worker <= 1, "gpus_per_worker", cfg.gpus_per_worker,
-          "must be in (0, 1]: a replica drives one GPU; below 1 replicas share one")
+         "must be in (0, 1]: a replica drives one GPU; below 1 replicas share one")
     rule(cfg.gpus_per_worker == 1 or cfg.backend != "nccl", "backend", cfg.backend,
-          "nccl refuses two ranks on one GPU, which gpus_per_worker < 1 allows; use backend: gloo (or auto)")
+         "nccl refuses two ranks on one GPU, which gpus_per_worker < 1 allows; use backend: gloo (or auto)")
     rule(cfg.batch_size_per_worker >= 1, "batch_size_per_worker", cfg.batch_size_per_worker, "must be >= 1")
     # resnet18 downsamples 32x; below 32 px the last stage sees less than one pixel.
     rule(cfg.image_size >= 32, "image_size", cfg.image_size, "must be >= 32 (resnet18 downsamples 32x)")
@@ -65,32 +65,32 @@ def _check_ranges(cfg: RunConfig) -> None:
     rule(not cfg.nesterov or cfg.momentum > 0, "nesterov", cfg.nesterov, "needs momentum > 0")
     rule(0 <= cfg.seed < 2**31, "seed", cfg.seed, "must be in [0, 2**31)")
     rule(cfg.loss != "sum" or cfg.data == "synthetic", "loss", cfg.loss,
-          "the sum loss needs uniform targets: use data: synthetic, or loss: cross_entropy")
+         "the sum loss needs uniform targets: use data: synthetic, or loss: cross_entropy")
     rule(cfg.data != "folder" or bool(cfg.data_dir), "data_dir", cfg.data_dir,
-          "data: folder needs data_dir set to an ImageFolder root")
+         "data: folder needs data_dir set to an ImageFolder root")
     rule(cfg.data != "folder" or Path(cfg.data_dir).is_dir(), "data_dir", cfg.data_dir,
-          "no such directory; point it at an ImageFolder root (one sub-folder per class)")
+         "no such directory; point it at an ImageFolder root (one sub-folder per class)")
     rule(cfg.dataset_size >= 1, "dataset_size", cfg.dataset_size, "must be >= 1")
     _check_evaluation(cfg)
     rule(cfg.decoder != "nvjpeg" or cfg.device != "cpu", "decoder", cfg.decoder,
-          "nvjpeg decodes on a GPU; use device: cuda (or auto on a GPU cluster), or decoder: torchvision")
+         "nvjpeg decodes on a GPU; use device: cuda (or auto on a GPU cluster), or decoder: torchvision")
     rule(cfg.loader_workers == "auto" or cfg.loader_workers >= 0, "loader_workers", cfg.loader_workers,
-          "must be >= 0, or auto")
+         "must be >= 0, or auto")
     weights_ok = cfg.weights in ("none", "DEFAULT") or cfg.weights.endswith((".pth", ".pt"))
     rule(weights_ok, "weights", cfg.weights, "must be none, DEFAULT or a path to a .pth/.pt file")
     rule(cfg.weights != "DEFAULT" or cfg.num_classes == 1000, "num_classes", cfg.num_classes,
-          "weights: DEFAULT has a 1000-class head; set num_classes: 1000")
+         "weights: DEFAULT has a 1000-class head; set num_classes: 1000")
     rule(cfg.bucket_cap_mb > 0, "bucket_cap_mb", cfg.bucket_cap_mb, "must be > 0")
     rule(cfg.steps_per_call >= 1, "steps_per_call", cfg.steps_per_call, "must be >= 1")
     rule(cfg.calls_in_flight >= 1, "calls_in_flight", cfg.calls_in_flight, "must be >= 1")
     rule(cfg.check_every >= 0, "check_every", cfg.check_every, "must be >= 0 (0 = only at the end)")
     rule(bool(cfg.run_dir), "run_dir", cfg.run_dir, "must not be empty")
     rule(only_time_field(cfg.run_dir), "run_dir", cfg.run_dir,
-          "may hold {time} (the start time) and no other {...}; write {{ and }} for a literal brace")
+         "may hold {time} (the start time) and no other {...}; write {{ and }} for a literal brace")
     rule(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = never)")
     rule(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     rule(0 <= cfg.straggler_fraction < 10, "straggler_fraction", cfg.straggler_fraction,
-          "must be in [0, 10) (a fraction of the step time; 0 = off)")
+         "must be in [0, 10) (a fraction of the step time; 0 = off)")
     rule(cfg.simulate_step_ms >= 0, "simulate_step_ms", cfg.simulate_step_ms, "must be >= 0 (0 = real replicas)")
     rule(cfg.hang_timeout_factor > 1, "hang_timeout_factor", cfg.hang_timeout_factor, "must be > 1")
     rule(cfg.hang_timeout_min_s > 0, "hang_timeout_min_s", cfg.hang_timeout_min_s, "must be > 0")
@@ -99,38 +99,38 @@ def _check_ranges(cfg: RunConfig) -> None:
     rule(cfg.start_timeout_s > 0, "start_timeout_s", cfg.start_timeout_s, "must be > 0")
     rule(cfg.step_timeout_s > 0, "step_timeout_s", cfg.step_timeout_s, "must be > 0")
     rule(not (cfg.device == "cpu" and cfg.backend == "nccl"), "backend", cfg.backend,
-          "nccl needs device: cuda; use backend: gloo (or auto) on cpu")
+         "nccl needs device: cuda; use backend: gloo (or auto) on cpu")
     rule(not (cfg.device == "cpu" and cfg.precision == "fp16"), "precision", cfg.precision,
-          "fp16 autocast needs device: cuda; use fp32 or bf16 on cpu")
+         "fp16 autocast needs device: cuda; use fp32 or bf16 on cpu")
 
 
 def _check_recovery(cfg: RunConfig) -> None:
     rule(cfg.max_restarts >= 0, "max_restarts", cfg.max_restarts, "must be >= 0")
     rule(cfg.spare_workers >= 0, "spare_workers", cfg.spare_workers, "must be >= 0")
     rule(0 <= cfg.min_workers <= cfg.num_workers, "min_workers", cfg.min_workers,
-          f"must be in [1, num_workers={cfg.num_workers}], or 0 for num_workers (never shrink)")
+         f"must be in [1, num_workers={cfg.num_workers}], or 0 for num_workers (never shrink)")
     rule(cfg.elastic_wait_s >= 0, "elastic_wait_s", cfg.elastic_wait_s, "must be >= 0")
     rule(not cfg.elastic or (cfg.recovery == "heal" and cfg.backend != "nccl"), "min_workers", cfg.min_workers,
-          "a group shrinks in a heal, which needs recovery: heal and gloo; or set min_workers: 0")
+         "a group shrinks in a heal, which needs recovery: heal and gloo; or set min_workers: 0")
     # Under sync every forward all-reduces BatchNorm statistics: a rank with more shards than
     # its peers would run more of those collectives than they do.
     rule(not cfg.elastic or cfg.batchnorm != "sync", "min_workers", cfg.min_workers,
-          "batchnorm: sync cannot run shrunk; use batchnorm: train or frozen, or min_workers: 0")
+         "batchnorm: sync cannot run shrunk; use batchnorm: train or frozen, or min_workers: 0")
     rule(cfg.stall_timeout_s >= 0, "stall_timeout_s", cfg.stall_timeout_s, "must be >= 0 (0 = off)")
 
 
 def _check_schedule(cfg: RunConfig) -> None:
     rule(0 <= cfg.warmup_steps < cfg.steps, "warmup_steps", cfg.warmup_steps,
-          f"must be >= 0 and shorter than the run (steps={cfg.steps})")
+         f"must be >= 0 and shorter than the run (steps={cfg.steps})")
     milestones = cfg.lr_milestones
     rule(not milestones or cfg.lr_schedule == "step", "lr_milestones", list(milestones),
-          "only lr_schedule: step uses milestones; set lr_schedule: step or drop them")
+         "only lr_schedule: step uses milestones; set lr_schedule: step or drop them")
     rule(cfg.lr_schedule != "step" or bool(milestones), "lr_milestones", list(milestones),
-          "lr_schedule: step needs at least one milestone, e.g. [30, 60]")
+         "lr_schedule: step needs at least one milestone, e.g. [30, 60]")
     rule(all(a < b for a, b in zip(milestones, milestones[1:])), "lr_milestones", list(milestones),
-          "must be in increasing order")
+         "must be in increasing order")
     rule(all(0 < m < cfg.steps for m in milestones), "lr_milestones", list(milestones),
-          f"each must be a step inside the run (0 < milestone < steps={cfg.steps})")
+         f"each must be a step inside the run (0 < milestone < steps={cfg.steps})")
     rule(0 < cfg.lr_gamma <= 1, "lr_gamma", cfg.lr_gamma, "must be in (0, 1]")
     rule(cfg.base_batch_size >= 1, "base_batch_size", cfg.base_batch_size, "must be >= 1")
 
@@ -139,14 +139,14 @@ def _check_evaluation(cfg: RunConfig) -> None:
     rule(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = never)")
     rule(cfg.eval_size >= 1, "eval_size", cfg.eval_size, "must be >= 1")
     rule(not cfg.eval_every or cfg.loss == "cross_entropy", "eval_every", cfg.eval_every,
-          "evaluation needs class targets: use loss: cross_entropy")
+         "evaluation needs class targets: use loss: cross_entropy")
     rule(0 <= cfg.val_fraction < 1, "val_fraction", cfg.val_fraction, "must be in (0, 1), or 0 for none")
     rule(not (cfg.val_fraction and cfg.val_dir), "val_fraction", cfg.val_fraction,
-          "val_dir is set too; hold out a fraction of data_dir or use val_dir, not both")
+         "val_dir is set too; hold out a fraction of data_dir or use val_dir, not both")
     rule(cfg.data == "folder" or not (cfg.val_fraction or cfg.val_dir), "data", cfg.data,
-          "val_dir and val_fraction are for data: folder; synthetic and fake data make their own held-out set")
+         "val_dir and val_fraction are for data: folder; synthetic and fake data make their own held-out set")
     rule(cfg.data != "folder" or not cfg.eval_every or bool(cfg.val_fraction or cfg.val_dir), "eval_every",
-          cfg.eval_every, "data: folder needs a held-out set to evaluate: set val_dir or val_fraction")
+         cfg.eval_every, "data: folder needs a held-out set to evaluate: set val_dir or val_fraction")
 
 
 def only_time_field(template: str) -> bool:

@@ -3,7 +3,7 @@
     with distrib.keep_warm():                    # a notebook, a sweep with repeats, a test module
         for lr in (0.1, 0.05, 0.02):
             with Orchestrator(cfg.replace(lr=lr, run_dir=f"runs/lr{lr}")) as orch:
-                orch.run()                       # the 2nd and 3rd runs skip the replicas' start
+                orch.train()                     # the 2nd and 3rd runs skip the replicas' start
 
 A replica's start is mostly its process: Ray's worker, then torch's and torchvision's imports,
 5-6 CPU-seconds each before its first step (2 replicas: 5.2-5.6 s of wall time on 2 cores).
@@ -17,9 +17,9 @@ all of its state from its config (the bit-identity tests run on kept actors).
 Kept at most one group at a time: a run of another shape releases it first (kills the
 actors, removes the placement group) and starts its own. Leaving `keep_warm` releases it.
 What it costs: the kept group holds its CPUs and GPUs (~0.3 GB of memory per replica, a
-CUDA context) between runs, for as long as the block lasts. A run that failed (its Orchestrator shut down
-without `orderly`), or ended in a shrunk group, keeps nothing; nor does a group with hot
-spares, or of simulated replicas.
+CUDA context) between runs, for as long as the block lasts. A run that failed (its
+Orchestrator shut down without `orderly`), or ended in a shrunk group, keeps nothing; nor
+does a group with hot spares, or of simulated replicas.
 """
 
 from __future__ import annotations
