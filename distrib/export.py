@@ -18,6 +18,7 @@ output order, the image size, the normalisation and the step the weights are fro
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -56,8 +57,9 @@ def export(run_dir: str | Path, out: str | Path | None = None) -> Path | RemoteP
     """Write the run's newest valid weights as a plain resnet18 state_dict at `out` (default
     RUN_DIR/model.pth; ./model.pth for a URI), with its metadata at the same path ending in .json.
     ConfigError, with nothing written, for an `out` ending in .json (the two would be one file) or
-    whose .pth or .json is a folder. Locally both appear whole or neither changes; a URI's two
-    objects are uploaded each whole, the .json after the .pth (object stores have no rename)."""
+    whose .pth or .json is a folder. Each file appears whole, the .json after the .pth (renamed
+    locally, uploaded whole to object storage); the .json holds the .pth's sha256, so a pair
+    left half-replaced by a crash between the two is refused by load()."""
     if out is None:
         out = Path("model.pth") if storage.is_uri(str(run_dir)) else Path(run_dir) / "model.pth"
     target = storage.locate(str(out), what="--out")
@@ -66,20 +68,25 @@ def export(run_dir: str | Path, out: str | Path | None = None) -> Path | RemoteP
                           "so the weights cannot be .json too; give a path ending in .pth")
     storage.check_writable(str(out), what="--out")  # a URI only: no credentials, no bucket
     state, meta = from_run(run_dir)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    weights = buffer.getvalue()
+    # The .json names its .pth by digest: a pair cut short between its two writes (new weights,
+    # old metadata) is refused by load() rather than read as one model.
+    meta["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     meta_bytes = json.dumps(meta, indent=2).encode() + b"\n"
     if isinstance(target, RemotePath):
-        weights = io.BytesIO()
-        torch.save(state, weights)
-        storage.write_whole(target, [weights.getvalue()])
+        storage.write_whole(target, [weights])
         storage.write_whole(target.with_suffix(".json"), [meta_bytes])
         return target
-    _write_pair(target, state, meta_bytes)
+    _write_pair(target, weights, meta_bytes)
     return target
 
 
-def _write_pair(out: Path, state: dict[str, torch.Tensor], meta_bytes: bytes) -> None:
-    """`state` at `out` and `meta_bytes` at `out` with .json: each written to a temporary file
-    beside it, then both renamed, so both appear whole or neither changes (ConfigError if not)."""
+def _write_pair(out: Path, weights: bytes, meta_bytes: bytes) -> None:
+    """`weights` at `out` and `meta_bytes` at `out` with .json: each written to a temporary file
+    beside it, then both renamed, so each appears whole or not at all (ConfigError if not). A crash
+    between the two renames leaves new weights beside old metadata: load() refuses that pair."""
     sidecar = out.with_suffix(".json")
     for path in (out, sidecar):
         if path.is_dir():  # a rename onto a folder fails: after the first rename, that would be half a pair
@@ -87,8 +94,7 @@ def _write_pair(out: Path, state: dict[str, torch.Tensor], meta_bytes: bytes) ->
                               "or give another --out")
     temps = [out.with_name(out.name + ".tmp"), sidecar.with_name(sidecar.name + ".tmp")]
     try:
-        with temps[0].open("wb") as f:
-            torch.save(state, f)
+        temps[0].write_bytes(weights)
         temps[1].write_bytes(meta_bytes)
         os.replace(temps[0], out)
         os.replace(temps[1], sidecar)
@@ -114,16 +120,22 @@ def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise ConfigError(f"model: {str(source)!r} is invalid: give a run directory or a file written by "
                           "distrib export (a .pth with its .json beside it)")
     try:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        # torch's own message runs to many lines: the file and the error's type say enough
-        raise CheckpointError(f"model: {str(source)!r} is unreadable: torch.load fails ({type(err).__name__}); "
-                              "give a .pth written by distrib export") from None
-    try:
-        return state, json.loads(sidecar.read_text())
+        meta = json.loads(sidecar.read_text())
+        weights = source.read_bytes()
     except (ValueError, OSError) as err:
         raise CheckpointError(f"model: {str(sidecar)!r} is unreadable ({first_line(err)}); give the .json "
                               "distrib export wrote beside the .pth") from None
+    expected = meta.get("weights_sha256") if isinstance(meta, dict) else None
+    if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
+        raise CheckpointError(f"model: {str(source)!r} is not the weights {str(sidecar)!r} describes (an export "
+                              "was cut short between its two files); run distrib export again")
+    try:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        # torch's own message runs to many lines: the file and the error's type say enough
+        raise CheckpointError(f"model: {str(source)!r} is unreadable: torch.load fails ({type(err).__name__}); "
+                              "give a .pth written by distrib export") from None
+    return state, meta
 
 
 def evaluate_folder(source: str | Path, data_dir: str | Path, *, batch_size: int = 64,

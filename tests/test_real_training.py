@@ -232,6 +232,8 @@ def test_export_writes_both_files_or_changes_neither(resnet_run, tmp_path, capsy
     ("RUN", "no-images", [], "--data: '{TMP}/no-images' is invalid: class folder '0' holds no images"),
     ("bad.pth", "good", [], "model: '{TMP}/bad.pth' is unreadable: torch.load fails (UnpicklingError)"),
     ("three.pth", "good", [], "model: '{TMP}/three.pth' is not a resnet18 with 2 classes (Error(s) in loading"),
+    ("torn.pth", "good", [], "model: '{TMP}/torn.pth' is not the weights '{TMP}/torn.json' describes (an export "
+                             "was cut short between its two files); run distrib export again"),
 ])
 def test_evaluate_bad_input_is_one_line_exit_2(resnet_run, tmp_path, capsys, model, data, more, message):
     for name in ("0", "1"):  # the model's classes; no image is read before these errors
@@ -245,6 +247,9 @@ def test_evaluate_bad_input_is_one_line_exit_2(resnet_run, tmp_path, capsys, mod
         torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / model)
         meta = {"classes": ["0", "1"], "num_classes": 2, "image_size": 32, "mean": None, "std": None}
         (tmp_path / "three.json").write_text(json.dumps(meta))
+    if model == "torn.pth":  # an export cut short between its renames: new weights, the old export's .json
+        assert cli.main(["export", str(resnet_run), "--out", str(tmp_path / model)]) == 0
+        torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / model)
     model = str(resnet_run) if model == "RUN" else str(tmp_path / model)
     assert cli.main(["evaluate", model, "--data", str(tmp_path / data), *more]) == 2
     assert message.replace("{TMP}", str(tmp_path)) in one_line_error(capsys)
