@@ -79,6 +79,10 @@ def _check_local_fit(cfg: RunConfig) -> None:
         raise ConfigError(f"num_workers: {replicas} workers{spares} x {cfg.cpus_per_worker:g} CPU need "
                           f"{replicas * cfg.cpus_per_worker:g} CPUs; this machine has {cpus} (a local Ray instance): "
                           "lower num_workers or cpus_per_worker, or join a cluster (RAY_ADDRESS)")
+    if cfg.placement_strategy == "STRICT_SPREAD" and replicas > 1:  # else a wait of start_timeout_s for nodes
+        raise ConfigError(f"placement_strategy: STRICT_SPREAD puts each of the {replicas} workers{spares} on a node "
+                          "of its own, and a local Ray instance is one node: use PACK or SPREAD, or join a "
+                          "cluster (RAY_ADDRESS)")
     gpus = local_gpus() if cfg.device == "cuda" else None
     # Ray never splits a replica over GPUs: floor(1 / share) replicas fit on each.
     needed = math.ceil(replicas / math.floor(1 / cfg.gpus_per_worker + 1e-9))

@@ -52,6 +52,13 @@ def test_spares_count_against_the_local_cpus(tmp_path):
     assert_one_line_error(done, f"{cpus + 1} workers (with 1 spare) x 1 CPU need {cpus + 1} CPUs")
 
 
+def test_strict_spread_on_a_local_instance_of_one_node(tmp_path):
+    done = train(tmp_path, "placement_strategy=STRICT_SPREAD", "run_dir=run")  # 2 workers, 1 node: never placed
+    assert_one_line_error(done, "STRICT_SPREAD puts each of the 2 workers on a node of its own, and a local Ray "
+                          "instance is one node: use PACK or SPREAD")
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("not a directory")
     done = train(tmp_path, "run_dir=taken/run")
