@@ -184,8 +184,11 @@ def _newest(orch) -> str:
 
 def _seed_step(args: argparse.Namespace) -> int:
     from distrib.cluster import connect_ray
-    from distrib.tutorial import seed_step
+    from distrib.tutorial import seed_step, tutorial_config
 
+    # Before Ray starts, as for train: a missing --weights file or cuda without a GPU is one line.
+    preflight.check(tutorial_config(seed=args.seed, device=args.device, weights=args.weights),
+                    local=not (args.address or os.environ.get("RAY_ADDRESS")))
     connect_ray(args.address)
     result = seed_step(seed=args.seed, device=args.device, weights=args.weights)
     print(f"device: {result.device}")

@@ -88,7 +88,7 @@ def _check_local_fit(cfg: RunConfig) -> None:
     needed = math.ceil(replicas / math.floor(1 / cfg.gpus_per_worker + 1e-9))
     if gpus is not None and needed > gpus:
         share = f" at {cfg.gpus_per_worker:g} per worker" if cfg.gpus_per_worker < 1 else ""
-        raise ConfigError(f"device: cuda needs {needed} GPUs{spares}{share}; "
+        raise ConfigError(f"device: cuda needs {_count(needed, 'GPU')}{spares}{share}; "
                           f"this machine has {gpus} (a local Ray instance): use device: auto or cpu, share GPUs "
                           "(gpus_per_worker: 0.5), or join a cluster with GPUs (RAY_ADDRESS)")
 

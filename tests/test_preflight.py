@@ -59,6 +59,13 @@ def test_strict_spread_on_a_local_instance_of_one_node(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_seed_step_checks_before_ray_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "distrib", "seed-step", "--weights", "missing.pth"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert_one_line_error(done, "weights: 'missing.pth' is invalid: no such file")
+
+
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("not a directory")
     done = train(tmp_path, "run_dir=taken/run")
