@@ -243,8 +243,9 @@ not maths. `batchnorm: train` misses by orders of magnitude more (tested below).
 
 @pytest.mark.usefixtures("ray_local")
 # Each of 2 and 4 workers, each loss and each memory format, once (each case starts N
-# replicas, ~6 CPU-seconds each): a shard, reduction or layout bug shows in the case it is in.
-@pytest.mark.parametrize(("workers", "loss", "channels_last"), [(2, "cross_entropy", True), (4, "sum", False)])
+# replicas, ~10 CPU-seconds each): a shard, reduction or layout bug shows in the case it is in.
+# 4 workers first: the 2 workers of the last case then serve the 2-worker tests below (keep_warm).
+@pytest.mark.parametrize(("workers", "loss", "channels_last"), [(4, "sum", False), (2, "cross_entropy", True)])
 def test_n_workers_equal_one_worker_with_sync_batchnorm(tmp_path, one_worker_states, workers, loss, channels_last):
     """N x (8 / N) images with batchnorm: sync == 1 x 8 images, after one step: parameters,
     momentum buffers and BatchNorm running statistics (see TOLERANCE)."""
