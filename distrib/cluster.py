@@ -161,9 +161,11 @@ def end_actors(actors: list, timeout_s: float) -> None:
     kill_actors([actor for actor, ref in zip(actors, leaving) if ref not in ended])
 
 
-def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Callable[[], None]) -> PlacementGroup:
+def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Callable[[], None],
+                  make_room: Callable[[], None] | None = None) -> PlacementGroup:
     """Reserve one bundle per worker and per spare; say what is missing while waiting, then
-    fail clearly after start_timeout_s."""
+    fail clearly after start_timeout_s. `make_room` is called once if the bundles are not placed
+    within PLACEMENT_SLICE_S (warm.release: kept groups give their resources back)."""
     bundle = {"CPU": cfg.cpus_per_worker}
     if cfg.device == "cuda":
         bundle["GPU"] = cfg.gpus_per_worker
@@ -174,6 +176,9 @@ def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Ca
     try:
         while not ray.wait([ready], timeout=min(PLACEMENT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
             check_abort()
+            if make_room is not None:
+                make_room()
+                make_room = None
             if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
                 continue
             polled = time.monotonic()
