@@ -121,10 +121,14 @@ def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                           "distrib export (a .pth with its .json beside it)")
     try:
         meta = json.loads(sidecar.read_text())
-        weights = source.read_bytes()
     except (ValueError, OSError) as err:
         raise CheckpointError(f"model: {str(sidecar)!r} is unreadable ({first_line(err)}); give the .json "
                               "distrib export wrote beside the .pth") from None
+    try:
+        weights = source.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"model: {str(source)!r} is unreadable ({err.strerror}); give a .pth written by "
+                              "distrib export") from None
     expected = meta.get("weights_sha256") if isinstance(meta, dict) else None
     if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
         raise CheckpointError(f"model: {str(source)!r} is not the weights {str(sidecar)!r} describes (an export "

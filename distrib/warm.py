@@ -16,10 +16,12 @@ all of its state from its config (the bit-identity tests run on kept actors).
 
 Up to MAX_KEPT_GROUPS groups of different shapes are kept, so that runs alternating between
 two shapes (a 1-worker reference and its N-worker run) both start warm. A kept group of another
-shape stays while the cluster has room for the run at hand; when a run's bundles cannot be
-placed at once, every kept group is released (actors ended, placement group removed) to give
-its resources back (cluster.place_bundles' `make_room`). A third shape releases the group
-used longest ago. Leaving `keep_warm` releases them all. What it costs: a kept group holds its
+shape stays while the cluster has room for the run at hand. Every kept group is released
+(actors ended, placement group removed) to give its resources back when a run's bundles cannot
+be placed at once for want of free resources (cluster.place_bundles' `make_room`), and when a
+run fails and recovers (a replacement, a grow-back or a spare's refill may need them:
+recovery_policy). A third shape releases the group used longest ago. Leaving `keep_warm`
+releases them all. What it costs: a kept group holds its
 CPUs and GPUs (~0.3 GB of memory per replica, a CUDA context) between runs, for as long as
 the block lasts. A run that failed (its
 Orchestrator shut down without `orderly`), or ended in a shrunk group, keeps nothing; nor
@@ -118,6 +120,9 @@ def keep(group: KeptGroup, resets: list[ray.ObjectRef]) -> bool:
         return False
     if late:
         return False
+    for same in [g for g in _kept if g.shape == group.shape]:  # two runs of one shape ended: keep the last
+        _kept.remove(same)
+        _release(same)
     _kept.append(group)
     while len(_kept) > MAX_KEPT_GROUPS:
         _release(_kept.pop(0))
