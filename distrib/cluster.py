@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 PLACEMENT_POLL_S = 5.0
 """While waiting for resources, say what is missing this often."""
 PLACEMENT_SLICE_S = 0.5
-"""`check_abort` (and `make_room`, when resources are short) runs between slices of the wait this long."""
+"""`check_abort` runs between slices of the wait this long."""
 
 DRAIN_POLL_S = 1.0
 """How often a DrainWatch asks Ray which nodes are being drained (a preemption notice)."""
@@ -161,31 +161,19 @@ def end_actors(actors: list, timeout_s: float) -> None:
     kill_actors([actor for actor, ref in zip(actors, leaving) if ref not in ended])
 
 
-def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Callable[[], None],
-                  make_room: Callable[[], None] | None = None) -> PlacementGroup:
+def place_bundles(cfg: RunConfig, *, say: Callable[[str], None], check_abort: Callable[[], None]) -> PlacementGroup:
     """Reserve one bundle per worker and per spare; say what is missing while waiting, then
-    fail clearly after start_timeout_s. `make_room` (warm.release: kept groups give their
-    resources back) is called once, if the bundles are not placed at once and the cluster's free
-    resources are short of them, or they are still not placed after PLACEMENT_POLL_S; the time it
-    takes does not count against start_timeout_s."""
+    fail clearly after start_timeout_s."""
     bundle = {"CPU": cfg.cpus_per_worker}
     if cfg.device == "cuda":
         bundle["GPU"] = cfg.gpus_per_worker
-    replicas = cfg.num_workers + cfg.spare_workers
-    placement = placement_group([bundle] * replicas, strategy=cfg.placement_strategy)
+    placement = placement_group([bundle] * (cfg.num_workers + cfg.spare_workers), strategy=cfg.placement_strategy)
     deadline = time.monotonic() + cfg.start_timeout_s
     ready = placement.ready()
     polled = time.monotonic()
     try:
         while not ray.wait([ready], timeout=min(PLACEMENT_SLICE_S, max(0.0, deadline - time.monotonic())))[0]:
             check_abort()
-            if make_room is not None and (time.monotonic() >= polled + PLACEMENT_POLL_S or any(
-                    ray.available_resources().get(kind, 0.0) + 1e-9 < amount * replicas
-                    for kind, amount in bundle.items())):
-                began = time.monotonic()
-                make_room()
-                make_room = None
-                deadline += time.monotonic() - began
             if time.monotonic() < min(deadline, polled + PLACEMENT_POLL_S):
                 continue
             polled = time.monotonic()

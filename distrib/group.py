@@ -122,8 +122,7 @@ class ReplicaGroup:
             self._placement, self._replicas, self._bundles = kept.placement, kept.replicas, kept.bundles
             self._actor_class = kept.actor_class
         else:
-            self._placement = place_bundles(self.cfg, say=self._say, check_abort=self.check_abort,
-                                            make_room=warm.release)
+            self._placement = place_bundles(self.cfg, say=self._say, check_abort=self.check_abort)
             self._replicas = [self._new_actor(bundle) for bundle in range(cfg.num_workers)]
             self._bundles = list(range(cfg.num_workers))
         for bundle in range(cfg.num_workers, cfg.num_workers + cfg.spare_workers):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from distrib import cadence, faults, recovery, warm
+from distrib import cadence, faults, recovery
 from distrib.config import RunConfig
 from distrib.errors import DivergenceError, ReplicaError
 from distrib.group import ReplicaGroup
@@ -59,9 +59,6 @@ class RecoveryPolicy:
             self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
             raise
         self._faults = faults.unspent(self._faults, handed_out=err.step)
-        # Replicas kept from other runs (warm.py) give their resources back: a replacement actor,
-        # a grow-back or a spare's refill may need them, and only a restart's placement frees them.
-        warm.release()
         # NCCL reports a broken collective asynchronously, after later kernels (the optimizer's)
         # were queued: a survivor's state is then not known to be at a step boundary.
         if cfg.recovery == "heal" and cfg.backend == "gloo" and not rebuild:

@@ -14,16 +14,10 @@ them and sets them up as a fresh start would: a new model from its own config, a
 process group, the same consistency check. Numbers do not depend on it: every run builds
 all of its state from its config (the bit-identity tests run on kept actors).
 
-Up to MAX_KEPT_GROUPS groups of different shapes are kept, so that runs alternating between
-two shapes (a 1-worker reference and its N-worker run) both start warm. A kept group of another
-shape stays while the cluster has room for the run at hand. Every kept group is released
-(actors ended, placement group removed) to give its resources back when a run's bundles cannot
-be placed at once for want of free resources (cluster.place_bundles' `make_room`), and when a
-run fails and recovers (a replacement, a grow-back or a spare's refill may need them:
-recovery_policy). A third shape releases the group used longest ago. Leaving `keep_warm`
-releases them all. What it costs: a kept group holds its
-CPUs and GPUs (~0.3 GB of memory per replica, a CUDA context) between runs, for as long as
-the block lasts. A run that failed (its
+Kept at most one group at a time: a run of another shape releases it first (kills the
+actors, removes the placement group) and starts its own. Leaving `keep_warm` releases it.
+What it costs: the kept group holds its CPUs and GPUs (~0.3 GB of memory per replica, a
+CUDA context) between runs, for as long as the block lasts. A run that failed (its
 Orchestrator shut down without `orderly`), or ended in a shrunk group, keeps nothing; nor
 does a group with hot spares, or of simulated replicas.
 """
@@ -49,8 +43,6 @@ RESET_TIMEOUT_S = 10.0
 """How long a replica's reset (loader closed, group left, model freed) may take on a busy machine."""
 EXIT_TIMEOUT_S = 2.0
 """How long a released actor has to exit on its own before it is killed."""
-MAX_KEPT_GROUPS = 2
-"""Groups of different shapes kept at once; keeping one more releases the one used longest ago."""
 
 
 def _session() -> tuple:
@@ -79,8 +71,7 @@ class KeptGroup:
 
 
 _enabled = False
-_kept: list[KeptGroup] = []
-"""The kept groups, the one kept last at the end."""
+_kept: KeptGroup | None = None
 
 
 @contextmanager
@@ -108,10 +99,10 @@ def wanted(cfg: RunConfig) -> bool:
 
 
 def keep(group: KeptGroup, resets: list[ray.ObjectRef]) -> bool:
-    """Keep `group` for the next run of its shape once each of its replicas' `resets`
-    (Replica.reset) has finished well within RESET_TIMEOUT_S (past MAX_KEPT_GROUPS, the group
-    used longest ago is released); False, keeping nothing, if one failed or is late (the caller
-    then stops the group)."""
+    """Keep `group` for the next run of its shape (releasing any other) once each of its replicas'
+    `resets` (Replica.reset) has finished well within RESET_TIMEOUT_S; False, keeping nothing, if
+    one failed or is late (the caller then stops the group)."""
+    global _kept
     done, late = ray.wait(resets, num_returns=len(resets), timeout=RESET_TIMEOUT_S)
     try:
         ray.get(done)
@@ -120,43 +111,38 @@ def keep(group: KeptGroup, resets: list[ray.ObjectRef]) -> bool:
         return False
     if late:
         return False
-    for same in [g for g in _kept if g.shape == group.shape]:  # two runs of one shape ended: keep the last
-        _kept.remove(same)
-        _release(same)
-    _kept.append(group)
-    while len(_kept) > MAX_KEPT_GROUPS:
-        _release(_kept.pop(0))
+    release()
+    _kept = group
     return True
 
 
 def take(cfg: RunConfig) -> KeptGroup | None:
-    """The kept group of `cfg`'s shape, if there is one and every actor answers; it is then no
-    longer kept. Otherwise None: the caller places a group of its own (and, if its bundles
-    cannot be placed at once, releases the others: `release` as place_bundles' make_room)."""
-    wanted_shape = shape(cfg)
-    for kept in [g for g in _kept if g.shape[:3] != wanted_shape[:3]]:  # of an ended Ray connection
-        _kept.remove(kept)
-    matching = [g for g in _kept if g.shape == wanted_shape]
-    if not matching:
+    """The kept group, if it has `cfg`'s shape and every actor answers; it is then no longer
+    kept. Otherwise release what was kept (a run of another shape needs its resources), and
+    None: the caller starts a group of its own."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is None:
         return None
-    kept = matching[0]
-    _kept.remove(kept)
-    pings = [replica.node_info.remote() for replica in kept.replicas]
-    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
-    try:
-        if len(ready) == len(pings):
-            ray.get(pings)
-            return kept
-    except ray.exceptions.RayError as err:
-        log.info("a kept replica is gone (%s): starting afresh", err)
+    if kept.shape == shape(cfg):
+        pings = [replica.node_info.remote() for replica in kept.replicas]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        try:
+            if len(ready) == len(pings):
+                ray.get(pings)
+                return kept
+        except ray.exceptions.RayError as err:
+            log.info("a kept replica is gone (%s): starting afresh", err)
     _release(kept)
     return None
 
 
 def release() -> None:
-    """End the kept actors and free their placement groups, if any are kept."""
-    while _kept:
-        _release(_kept.pop())
+    """Kill the kept actors and free their placement group, if any are kept."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None:
+        _release(kept)
 
 
 def _release(kept: KeptGroup) -> None:

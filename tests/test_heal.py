@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from distrib import Orchestrator, ReplicaError, RunConfig, comm, warm
+from distrib import Orchestrator, ReplicaError, RunConfig, comm
 from distrib.protocol import shards_of
 from tests.conftest import assert_bit_identical, flat_state
 
@@ -90,15 +90,10 @@ def test_killed_rank_0_without_a_spare_is_replaced_by_a_fresh_actor_between_chec
     go back to (checkpoint_every: 0) a restart would redo every step; a heal redoes none, with
     steps_per_call 2 and the kill in a call's second step. (Neither setting changes a number:
     the uninterrupted run is the reference.)"""
-    run(heal_cfg(tmp_path / "one", num_workers=1, steps=1))  # kept beside this module's 2-worker group
-    assert sorted(group.shape[3] for group in warm._kept) == [1, 2]  # num_workers
     run_dir = tmp_path / "run"
     healed, _ = run(heal_cfg(run_dir, checkpoint_every=0, steps_per_call=2, faults="kill:0@3"))
     assert_bit_identical(healed, uninterrupted)
     assert_healed_once(run_dir, ranks=[0], replaced="fresh")
-    # The heal released the group kept from the other run (a replacement could have needed its
-    # CPUs, on a node of their own); the healed group itself is kept.
-    assert [group.shape[3] for group in warm._kept] == [2]
 
 
 def test_stalled_replica_is_named_within_seconds_with_the_defaults(tmp_path, uninterrupted):
