@@ -112,6 +112,12 @@ def _exit_code(signal_name: str) -> int:
     return 128 + signal.Signals[signal_name].value
 
 
+def _starts_local_ray(args: argparse.Namespace) -> bool:
+    """Whether the command will start a local Ray instance (no --address, no RAY_ADDRESS),
+    whose resources are this machine's: what preflight.check(local=True) checks against."""
+    return not (args.address or os.environ.get("RAY_ADDRESS"))
+
+
 def _train(args: argparse.Namespace) -> int:
     from distrib.cluster import connect_ray
     from distrib.driver import Orchestrator
@@ -132,7 +138,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config, args.overrides)
     # Before Ray starts: what can never run is a one-line error in a second.
-    preflight.check(cfg, local=not (args.address or os.environ.get("RAY_ADDRESS")))
+    preflight.check(cfg, local=_starts_local_ray(args))
     orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)  # reads the checkpoint
     connect_ray(args.address)
     stop = _StopSignals()
@@ -188,7 +194,7 @@ def _seed_step(args: argparse.Namespace) -> int:
 
     # Before Ray starts, as for train: a missing --weights file or cuda without a GPU is one line.
     preflight.check(tutorial_config(seed=args.seed, device=args.device, weights=args.weights),
-                    local=not (args.address or os.environ.get("RAY_ADDRESS")))
+                    local=_starts_local_ray(args))
     connect_ray(args.address)
     result = seed_step(seed=args.seed, device=args.device, weights=args.weights)
     print(f"device: {result.device}")
