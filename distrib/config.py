@@ -1,7 +1,7 @@
 """The run config: one frozen, typed dataclass, loaded from YAML and validated.
 
 Every way a config can be wrong (unknown key, wrong type, value out of range,
-missing file, malformed YAML, contradicting fields) raises `ConfigError` with a
+missing file, malformed YAML, a key given twice, contradicting fields) raises `ConfigError` with a
 one-line message that names the key, the value and the rule. The CLI turns it
 into exit code 2. Nothing here imports torch or ray: the driver loads configs
 before either is needed.
@@ -221,11 +221,25 @@ _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _HINTS = typing.get_type_hints(RunConfig)
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(hint: Any) -> str:
+    """`hint` as the user reads it in "must be ...": `an integer or auto`, never `typing.Union[...]`."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return ("one of " if len(args) > 1 else "") + " | ".join(map(str, args))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(map(_type_name, args))
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a YAML list
+        return "a list, e.g. [30, 60]"
+    return _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """`value` as type `hint`, or ConfigError. ints are accepted for floats, never bools for numbers."""
     if typing.get_origin(hint) is Literal:
-        allowed = typing.get_args(hint)
-        rule(value in allowed, key, value, "must be one of " + " | ".join(map(str, allowed)))
+        rule(value in typing.get_args(hint), key, value, "must be " + _type_name(hint))
         return value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
@@ -233,9 +247,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return _coerce(key, value, option)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: {value!r} is invalid: must be {hint}")
+        raise ConfigError(f"{key}: {value!r} is invalid: must be {_type_name(hint)}")
     if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a YAML list
-        rule(isinstance(value, (list, tuple)), key, value, "must be a list, e.g. [30, 60]")
+        rule(isinstance(value, (list, tuple)), key, value, "must be " + _type_name(hint))
         item = typing.get_args(hint)[0]
         return tuple(_coerce(key, v, item) for v in value)
     if hint is bool:
@@ -286,21 +300,58 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {pair!r} is invalid: write it as key=value, e.g. --set steps=10")
+        key = key.strip()
         try:
-            values[key.strip()] = yaml.safe_load(text) if text else ""
+            values[key] = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
-            values[key.strip()] = text  # a bare string with YAML-special characters, e.g. a path
+            values[key] = text  # a bare string with YAML-special characters, e.g. a path
+        # `run_dir={time}` reads as the mapping {time: null}; YAML needs quotes, and the shell
+        # needs its own around them, or it strips YAML's.
+        if isinstance(values[key], dict) and _HINTS.get(key) is str:
+            raise ConfigError(f"{key}: {text!r} is invalid: YAML reads a value that starts with {{ as a mapping; "
+                              f"quote it inside the shell's quotes: --set '{key}=\"{text}\"'")
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, which PyYAML keeps the last of."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []  # a list: a key may be unhashable, which SafeLoader itself refuses
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges, it is no key
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (else the last would win silently); keep one",
+                    key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _quote_hint(text: str, err: yaml.YAMLError) -> str:
+    """The fix when the line of a YAML error holds `key: {...`, an unquoted value that starts with {."""
+    lines = text.splitlines()
+    for mark in (getattr(err, "problem_mark", None), getattr(err, "context_mark", None)):
+        if mark is not None and mark.line < len(lines):
+            key, sep, value = lines[mark.line].partition(":")
+            value = value.split(" #")[0].strip()  # without a trailing comment
+            if sep and value.startswith("{"):
+                return f"; YAML reads a value that starts with {{ as a mapping: quote it, {key.strip()}: \"{value}\""
+    return ""
 
 
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> dict[str, Any]:
     """The mapping in a YAML file ({} for an empty one); ConfigError naming the file, and the
-    line and column of a syntax error, when it is missing, malformed or not a mapping."""
+    line and column of a syntax error, when it is missing, malformed (a key given twice in one
+    mapping included) or not a mapping."""
     path = Path(path) if isinstance(path, str) else path  # a Path, or a storage.RemotePath
     if not path.is_file():
         raise ConfigError(f"config: {str(path)!r} is invalid: no such file; pass an existing {what}")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
     except UnicodeDecodeError as err:
         raise ConfigError(f"config: {str(path)!r} is invalid: not UTF-8 text ({err.reason} at byte {err.start}); "
                           f"save it as UTF-8, or pass another {what}") from None
@@ -308,7 +359,8 @@ def read_yaml(path: str | Path, *, what: str = "YAML file") -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "not valid YAML"
-        raise ConfigError(f"config: {str(path)!r} is malformed YAML{where}: {problem}") from None
+        raise ConfigError(f"config: {str(path)!r} is malformed YAML{where}: {problem}"
+                          f"{_quote_hint(text, err)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"config: {str(path)!r} is invalid: must be a YAML mapping of key: value")
     return loaded or {}

@@ -7,6 +7,7 @@ RunConfig runs `check` on construction (config.py); the sweep file's own keys us
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import string
 from pathlib import Path
@@ -21,16 +22,24 @@ if TYPE_CHECKING:
 
 def check(cfg: RunConfig) -> None:
     """ConfigError for the first rule `cfg` breaks."""
+    _check_finite(cfg)
     _check_ranges(cfg)
     _check_recovery(cfg)
     _check_runnable(cfg)
 
 
+def _check_finite(cfg: RunConfig) -> None:
+    """Every float field is finite. No field gives inf or nan a meaning: an infinite lr trains to a
+    NaN loss, an infinite timeout overflows in Ray and datetime (whole milliseconds), and nan
+    would fail a range check with a misleading rule (every comparison with nan is False)."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        rule(not isinstance(value, float) or math.isfinite(value), field.name, value,
+             f"must be a finite number (not .inf or .nan), e.g. the default {field.default}")
+
+
 def _check_runnable(cfg: RunConfig) -> None:
     """Values each in range that still cannot run."""
-    for key in ("start_timeout_s", "step_timeout_s", "stop_grace_s", "hang_timeout_min_s", "elastic_wait_s",
-                "stall_timeout_s"):  # Ray and datetime take whole milliseconds: infinity overflows there
-        rule(math.isfinite(getattr(cfg, key)), key, getattr(cfg, key), "must be a finite number of seconds")
     # resnet18's last stage is image_size / 32 pixels a side: a BatchNorm there needs 2+ values per channel.
     side = -(-cfg.image_size // 32)
     stats_batch = cfg.batch_size_per_worker * (cfg.num_workers if cfg.batchnorm == "sync" else 1)

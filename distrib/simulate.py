@@ -92,7 +92,8 @@ def sim_config(workers: int, *, step_ms: float, steps: int, steps_per_call: int,
     """A run of simulated replicas: CPU, gloo, no checkpoints, a tiny CPU reservation each.
     ConfigError for one that cannot run."""
     if not (math.isfinite(step_ms) and step_ms > 0):  # 0 would make them real replicas
-        raise ConfigError(f"step_ms: {step_ms!r} is invalid: must be > 0 (each simulated step's sleep, in ms)")
+        raise ConfigError(f"--step-ms: {step_ms!r} is invalid: must be a finite number > 0 (each simulated "
+                          "step's sleep, in ms), e.g. --step-ms 7")
     return RunConfig(num_workers=workers, device="cpu", backend="gloo", cpus_per_worker=SIM_CPUS_PER_WORKER,
                      simulate_step_ms=step_ms, steps=steps, steps_per_call=steps_per_call,
                      calls_in_flight=calls_in_flight, check_every=check_every, checkpoint_every=0,

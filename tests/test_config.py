@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+import typing
 
 import pytest
 
@@ -56,8 +58,10 @@ def test_config_is_frozen():
     ("1: 2\n", [], "1: unknown key; known keys: "),
     ("", ["run_dir=runs/{name}"], "run_dir: 'runs/{name}' is invalid: may hold {time} (the start time) and no other"),
     ("", ["run_dir=runs/a{"], "run_dir: 'runs/a{' is invalid: may hold {time}"),
-    ("", ["run_dir={time}"], "must be a string; quote a value that starts with {"),
-    ("", ["start_timeout_s=.inf"], "start_timeout_s: inf is invalid: must be a finite number of seconds"),
+    ("run_dir: {time}\n", [], "must be a string; quote a value that starts with {"),
+    ("", ["start_timeout_s=.inf"], "start_timeout_s: inf is invalid: must be a finite number"),
+    ("", ["loader_workers=1.5"], "loader_workers: 1.5 is invalid: must be an integer or auto"),
+    ("", ["precision=fp64"], "precision: 'fp64' is invalid: must be one of auto | fp32 | bf16 | fp16"),
     ("", ["batch_size_per_worker=1", "image_size=32"], "batch_size_per_worker: 1 is invalid: BatchNorm in training"),
 ])
 def test_bad_values_name_key_value_and_rule(tmp_path, text, overrides, expected):
@@ -81,6 +85,53 @@ def test_missing_file_and_malformed_yaml(tmp_path):
         config.load(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match=r"malformed YAML at line \d+, column \d+"):
         config.load(write(tmp_path, "steps: 3\nlr: [0.1\n"))
+
+
+FLOAT_FIELDS = [name for name, hint in typing.get_type_hints(RunConfig).items() if hint is float]
+
+
+def test_float_fields_are_found():
+    assert {"lr", "weight_decay", "bucket_cap_mb", "hang_timeout_factor", "simulate_step_ms"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf"])
+@pytest.mark.parametrize("key", FLOAT_FIELDS)
+def test_every_float_field_refuses_inf_and_nan(key, value):
+    """No field gives inf or nan a meaning: lr=.inf trained to a NaN loss and exited 0."""
+    with pytest.raises(ConfigError, match=rf"^{key}: -?(inf|nan) is invalid: must be a finite number"):
+        config.load(None, [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=rf"^{key}: nan is invalid: must be a finite number"):
+        RunConfig(**{key: math.nan})  # the Python API too, not only the parsing
+
+
+@pytest.mark.parametrize("key", list(typing.get_type_hints(RunConfig)))
+def test_every_field_names_its_type_readably(key):
+    """A value of no type (YAML's empty `key:`) shows the field's type as a user reads it."""
+    with pytest.raises(ConfigError) as err:
+        config.from_dict({key: None})
+    assert str(err.value).startswith(f"{key}: None is invalid: must be ")
+    assert not any(word in str(err.value) for word in ("typing", "Union", "Literal", "<class", "NoneType"))
+
+
+def test_a_key_given_twice_in_a_file_is_refused(tmp_path):
+    path = write(tmp_path, "steps: 3\nlr: 0.1\nsteps: 4\n")
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert str(err.value).startswith(f"config: {str(path)!r} is malformed YAML at line 3, column 1: key 'steps'")
+    assert "\n" not in str(err.value)
+    assert config.read_yaml(write(tmp_path, "a: &b {steps: 3}\nc:\n  <<: *b\n  steps: 2\n"))["c"] == {"steps": 2}
+
+
+def test_a_value_that_starts_with_a_brace_gets_the_quoting_fix(tmp_path):
+    """Unquoted, YAML reads {time} as a mapping: a file and --set each name the quoting that fixes it."""
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, "steps: 3\nrun_dir: {time}/x  # where\n"))
+    assert str(err.value).endswith('as a mapping: quote it, run_dir: "{time}/x"')
+    assert config.load(write(tmp_path, 'run_dir: "{time}/x"\n')).run_dir == "{time}/x"
+    with pytest.raises(ConfigError) as err:
+        config.load(None, ["run_dir={time}"])
+    assert str(err.value).endswith("""quote it inside the shell's quotes: --set 'run_dir="{time}"'""")
+    assert config.load(None, ['run_dir="{time}"']).run_dir == "{time}"  # what the shell passes for the fix
 
 
 def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
