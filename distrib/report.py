@@ -7,6 +7,8 @@
     OUT/phases-NAME.png       one per run: data, forward, backward and optimizer ms per step, stacked
     OUT/stragglers-NAME.png   one per run whose summary.json has "stragglers": each rank's mean phase times
 
+NAME is the run's name with "/" as "_", and -2, -3, ... after it where two runs would share it.
+
 Every plot marks each event in events.jsonl (heal, restart, shrink, grow) with a vertical line at its
 step. OUT is RUN_DIR/report for one run, ./report for several. Reads only the files the
 driver wrote (see rundir.py), so it works on a run still going or one that was killed:
@@ -14,7 +16,9 @@ no torch, no Ray, and matplotlib only once the plots are drawn. A RUN_DIR may be
 object-storage URI (storage.py; metrics as of the driver's last upload), and so may OUT
 (the PNGs are drawn in a scratch folder, then uploaded); without --out, a URI's report goes
 to ./report. A local OUT gets all the PNGs or, on an error, none of them: they are drawn in a
-scratch folder inside OUT and renamed into place only once all are drawn.
+scratch folder inside OUT and renamed into place only once all are drawn. A run given twice, or
+a line of metrics.jsonl or events.jsonl without the step (or the kind) it is placed by, is a
+ConfigError.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +57,9 @@ class Run:
 def report(run_dirs: list[str], out: str | None = None) -> tuple[str, list[Path | storage.RemotePath]]:
     """The text summary of `run_dirs` and the PNGs written to `out` (see the module docstring).
     ConfigError, before anything is written, for a directory that holds no run or a damaged
-    record, and for a local `out` that cannot be written (then left as it was)."""
+    record or a run given twice, and for a local `out` that cannot be written (then left as it was)."""
     paths = [storage.locate(d, what="RUN_DIR") for d in run_dirs]
+    _refuse_repeats(paths)
     runs = [_load(path, name) for path, name in zip(paths, _names(paths))]
     text = "\n".join(format_run(run) for run in runs)
     if out and storage.is_uri(out):  # drawn in a scratch folder, then each PNG uploaded
@@ -98,6 +104,17 @@ def _write_plots_whole(runs: list[Run], out_dir: Path) -> list[Path]:
     return [out_dir / png.name for png in drawn]
 
 
+def _refuse_repeats(paths: list[Path | storage.RemotePath]) -> None:
+    """ConfigError for a run given twice (also as another path to it, e.g. a symlink). Refused
+    rather than drawn twice: its lines would lie on each other under two names, which is a slip
+    of the command line (an overlapping glob), never what was asked for."""
+    seen: dict[str, Path | storage.RemotePath] = {}
+    for path in paths:
+        earlier = seen.setdefault(str(path.resolve()), path)
+        if earlier is not path:
+            raise ConfigError(f"RUN_DIR {str(path)!r} is the same run as {str(earlier)!r}; give each run once")
+
+
 def _names(paths: list[Path]) -> list[str]:
     names = [p.resolve().name for p in paths]
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
@@ -108,13 +125,13 @@ def _load(path: Path, name: str) -> Run:
         raise ConfigError(f"run directory {str(path)!r} does not exist")
     if not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"{str(path)!r} has no metrics.jsonl: give a run directory that distrib train wrote")
-    records = _read_lines(path / "metrics.jsonl")
+    records = _read_lines(path / "metrics.jsonl", _metrics_problem)
     events, summary_file = path / "events.jsonl", path / "summary.json"
     try:
         return Run(path=path, name=name,
                    steps=sorted((r for r in records if r.get("kind") == "step"), key=lambda r: r["step"]),
                    evals=[r for r in records if r.get("kind") == "eval"],
-                   events=_read_lines(events) if events.exists() else [],
+                   events=_read_lines(events, _event_problem) if events.exists() else [],
                    summary=_read_summary(summary_file) if summary_file.exists() else None)
     except OSError as err:  # e.g. a folder where the driver writes a file
         raise ConfigError(f"{str(path)!r}: {err.strerror or err} ({err.filename}); "
@@ -128,14 +145,44 @@ def _read_summary(path: Path) -> dict:
                         "delete it to report the run as not finished, or restore it from a copy")
 
 
-def _read_lines(path: Path) -> list[dict]:
+def _read_lines(path: Path, problem: Callable[[dict], str | None]) -> list[dict]:
     """The JSON objects of the log at `path`, one a line (all its parts, on object storage). The
     driver ends every line with a newline once written, so text after the last one is a line cut
-    short by a killed run: it is left out. A whole line that is not a JSON object was never
-    written by the driver, so it is a ConfigError, not skipped: the records would be wrong."""
-    lines = storage.read_lines(path).split("\n")[:-1]
-    return [_json_object(line, f"{str(path)!r} line {number}", "fix or delete that line")
-            for number, line in enumerate(lines, 1) if line.strip()]
+    short by a killed run: it is left out. A whole line that is not a JSON object, or one where
+    `problem` finds something, was never written by the driver, so it is a ConfigError naming the
+    file and line, not skipped: the records would be wrong."""
+    records = []
+    for number, line in enumerate(storage.read_lines(path).split("\n")[:-1], 1):
+        if line.strip():
+            where = f"{str(path)!r} line {number}"
+            record = _json_object(line, where, "fix or delete that line")
+            if found := problem(record):
+                raise ConfigError(f"{where} {found}; fix or delete that line")
+            records.append(record)
+    return records
+
+
+def _metrics_problem(record: dict) -> str | None:
+    """What a step or eval line of metrics.jsonl lacks of its step (the lines' order and every
+    plot's x); lines of other kinds are not read."""
+    return _lacks(record, ("step",)) if record.get("kind") in ("step", "eval") else None
+
+
+def _event_problem(record: dict) -> str | None:
+    """What an events.jsonl line lacks of the fields _describe_event and the plots read."""
+    if not isinstance(record.get("event"), str):
+        return "has no \"event\" naming its kind (heal, restart, shrink or grow)"
+    return _lacks(record, ("step", "from", "to") if record["event"] in ("shrink", "grow") else ("step",))
+
+
+def _lacks(record: dict, keys: tuple[str, ...]) -> str | None:
+    """The first of `keys` that `record` lacks or holds as other than a number, said for a message."""
+    for key in keys:
+        if key not in record:
+            return f"has no {json.dumps(key)}"
+        if isinstance(record[key], bool) or not isinstance(record[key], (int, float)):
+            return f"has {json.dumps(key)}: {json.dumps(record[key])[:40]}, not a number"
+    return None
 
 
 def _json_object(text: str, where: str, fix: str) -> dict:
@@ -218,13 +265,28 @@ def write_plots(runs: list[Run], out_dir: Path) -> list[Path]:
                _plot_steps(runs, out_dir / "images_per_s.png", "images_per_s", "images/s")]
     if any(run.evals for run in runs):
         written.insert(1, _plot_steps(runs, out_dir / "top1.png", "top1", "held-out top-1", evals=True))
-    for run in runs:
-        file_name = run.name.replace("/", "_")
+    for run, file_name in zip(runs, _file_names([run.name for run in runs])):
         written.append(_plot_phases(run, out_dir / f"phases-{file_name}.png"))
         stragglers = (run.summary or {}).get("stragglers")
         if stragglers and stragglers.get("ranks"):
             written.append(_plot_stragglers(run.name, stragglers, out_dir / f"stragglers-{file_name}.png"))
     return written
+
+
+def _file_names(names: list[str]) -> list[str]:
+    """`names` fit for file names, all distinct: "/" as "_", and -2, -3, ... after a name taken
+    before (distinct paths such as a_b/run and a/b/run both become a_b_run). Compared without
+    case, as a case-insensitive filesystem (macOS, Windows) would put Run and run in one file."""
+    taken, file_names = set(), []
+    for name in names:
+        base = candidate = name.replace("/", "_")
+        suffix = 1
+        while candidate.casefold() in taken:
+            suffix += 1
+            candidate = f"{base}-{suffix}"
+        taken.add(candidate.casefold())
+        file_names.append(candidate)
+    return file_names
 
 
 def _plot_steps(runs: list[Run], path: Path, key: str, what: str, *, evals: bool = False) -> Path:

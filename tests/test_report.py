@@ -133,6 +133,39 @@ def test_out_folder_and_clashing_names(tmp_path):
     assert len(phases) == 2 and phases[0] != phases[1]
 
 
+def test_runs_whose_names_make_one_file_name_get_one_file_each(tmp_path):
+    """a_b/run and a/b/run are named by their paths (their names clash), and "/" as "_" makes
+    both paths one file name: the second run's plots get -2 rather than a crash on the rename."""
+    first = _heal_run(tmp_path / "c" / "a_b" / "run")
+    second = _heal_run(tmp_path / "c" / "a" / "b" / "run")
+    result = _report(str(first), str(second), "--out", str(tmp_path / "plots"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{first}: 12 steps" in result.stdout and f"{second}: 12 steps" in result.stdout
+    name = str(first).replace("/", "_")
+    written = _written(result.stdout)
+    assert sorted(p.name for p in written if p.name.startswith(("phases-", "stragglers-"))) == [
+        f"phases-{name}-2.png", f"phases-{name}.png", f"stragglers-{name}-2.png", f"stragglers-{name}.png"]
+    for path in written:
+        _assert_png(path)
+
+
+def test_file_names_are_distinct_also_without_case():
+    from distrib.report import _file_names
+
+    assert _file_names(["a/b", "a_b", "A_B", "a_b-2", "Run", "run"]) == [
+        "a_b", "a_b-2", "A_B-3", "a_b-2-2", "Run", "run-2"]
+
+
+def test_the_same_run_given_twice_is_a_one_line_error(tmp_path):
+    run = _heal_run(tmp_path / "run")
+    for again in ("run", str(run)):  # the same path, or another path to the same run
+        result = _report("run", again, "--out", "plots", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"distrib: error: RUN_DIR {again!r} is the same run as 'run'; give each run once"]
+        assert not (tmp_path / "plots").exists()
+
+
 def test_bad_run_dirs_are_one_line_errors(tmp_path):
     missing = tmp_path / "no-such-run"
     result = _report(str(missing), cwd=tmp_path)
@@ -203,6 +236,28 @@ def test_damaged_records_are_one_line_errors(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"distrib: error: {str(run / 'metrics.jsonl')!r} line 4 is '5', not a JSON object; fix or delete that line"]
+    assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize(("log", "line", "problem"), [
+    ("metrics.jsonl", {"kind": "step"}, 'has no "step"'),
+    ("metrics.jsonl", {"kind": "eval", "top1": 0.5}, 'has no "step"'),
+    ("metrics.jsonl", {"kind": "step", "step": "3"}, 'has "step": "3", not a number'),
+    ("events.jsonl", {"event": "heal"}, 'has no "step"'),
+    ("events.jsonl", {"event": "shrink", "step": 2, "to": 1}, 'has no "from"'),
+    ("events.jsonl", {"step": 2}, 'has no "event" naming its kind (heal, restart, shrink or grow)'),
+])
+def test_a_line_without_its_step_or_kind_is_a_one_line_error(tmp_path, log, line, problem):
+    steps = [_step(s, loss=2.0, wall_s=0.25) for s in range(3)]
+    heal = {"event": "heal", "ranks": [1], "step": 1}
+    if log == "metrics.jsonl":
+        run, number = _write_run(tmp_path / "run", [*steps, line], events=[heal]), 4
+    else:
+        run, number = _write_run(tmp_path / "run", steps, events=[heal, line]), 2
+    result = _report(str(run), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"distrib: error: {str(run / log)!r} line {number} {problem}; fix or delete that line"]
     assert not (run / "report").exists()
 
 
