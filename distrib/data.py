@@ -124,20 +124,30 @@ def to_input(images: torch.Tensor, *, normalize: bool) -> torch.Tensor:
 
 
 def pil_rgb(path: str) -> torch.Tensor:
-    """decoder: pil. Any format PIL reads, as a (3, H, W) uint8 tensor."""
-    with open(path, "rb") as file:
-        return v2.functional.pil_to_tensor(Image.open(file).convert("RGB"))
+    """decoder: pil. Any format PIL reads, as a (3, H, W) uint8 tensor; a file it cannot decode
+    (truncated, corrupt, not an image) is named."""
+    try:
+        with open(path, "rb") as file:
+            return v2.functional.pil_to_tensor(Image.open(file).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{path} cannot be decoded by PIL ({_first_line(err)}); re-encode or remove it") from None
 
 
 def torchvision_rgb(path: str) -> torch.Tensor:
     """decoder: torchvision. JPEG (libjpeg-turbo: the pixels PIL gives, in half the time), PNG
-    or WebP, as a (3, H, W) uint8 tensor; a file it cannot decode is named."""
+    or WebP, as a (3, H, W) uint8 tensor; a file it cannot decode is named. A 16-bit PNG, which
+    torchvision decodes to uint16, is scaled to 8 bits (its high byte; PIL would clip a 16-bit
+    grayscale PNG to white instead)."""
     try:
-        return torchvision.io.decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+        image = torchvision.io.decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} cannot be decoded by torchvision ({reason}); re-encode or remove it, "
+        raise ValueError(f"{path} cannot be decoded by torchvision ({_first_line(err)}); re-encode or remove it, "
                          "or set decoder: pil") from None
+    return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _fake(cfg: RunConfig, *, size: int, offset: int) -> torchvision.datasets.FakeData:

@@ -57,8 +57,9 @@ def check(cfg: RunConfig) -> None:
                      else f"data_dir lacks {_some(missing_in_train)}")
             raise ConfigError(f"val_dir: {cfg.val_dir!r} is invalid: its classes differ from data_dir's ({where}); "
                               "give both the same class folders")
-    for root in (cfg.data_dir, cfg.val_dir) if cfg.val_dir else (cfg.data_dir,):
-        _check_formats(root, cfg.decoder)
+    _check_formats(cfg.data_dir, cfg.decoder)
+    if cfg.val_dir:  # the held-out set is decoded in the loader processes, never by nvjpeg
+        _check_formats(cfg.val_dir, "torchvision" if cfg.decoder == "nvjpeg" else cfg.decoder)
     for name, count in counts.items():
         if count - held_out_count(count, cfg.val_fraction) < 1:
             images = f"{count} image{'s' if count != 1 else ''}"

@@ -214,8 +214,8 @@ class JpegShardSource:
         if pending is not None and pending[0] == step:
             images, targets, ready = pending[1].result()
         else:
-            if pending is not None:
-                pending[1].result()  # not wanted, but it must not run beside this one
+            if pending is not None:  # not wanted, but it must not run beside this one; its error
+                pending[1].exception()  # (another step's bad file) is not this step's: waited for, not raised
             images, targets, ready = self._prepare(step)
         if ready is not None:  # made on the side stream: the step's stream waits for it, and owns it
             current = torch.cuda.current_stream(self._device)

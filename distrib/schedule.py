@@ -29,10 +29,18 @@ def lr_at(cfg: RunConfig, step: int) -> float:
     """The learning rate of step `step` (0-based)."""
     peak = peak_lr(cfg)
     if step < cfg.warmup_steps:  # linear from peak / warmup_steps at step 0 to peak at step warmup_steps - 1
-        return peak * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps * _milestones_factor(cfg, step)
     if cfg.lr_schedule == "step":
-        return peak * cfg.lr_gamma ** bisect.bisect_right(cfg.lr_milestones, step)
+        return peak * _milestones_factor(cfg, step)
     if cfg.lr_schedule == "cosine":
         progress = (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak
+
+
+def _milestones_factor(cfg: RunConfig, step: int) -> float:
+    """lr_schedule: step's factor at `step`: lr_gamma per milestone passed, counted from step 0
+    (a milestone inside the warm-up scales the warm-up's rates too); 1.0 for other schedules."""
+    if cfg.lr_schedule != "step":
+        return 1.0
+    return cfg.lr_gamma ** bisect.bisect_right(cfg.lr_milestones, step)

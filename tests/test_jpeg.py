@@ -5,13 +5,15 @@ tests do not run) equal to rounding. Real JPEGs: crops of the photograph matplot
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms
 
 from distrib import RunConfig, folders, jpeg
 from distrib.config import ConfigError
-from distrib.data import IMAGENET_STD, ShardSource, sample_seed, torchvision_rgb
+from distrib.data import IMAGENET_STD, ShardSource, pil_rgb, sample_seed, torchvision_rgb
 from distrib.jpeg import JpegShardSource, augment_params
 
 ONE_LEVEL = 1 / 255 / min(IMAGENET_STD) + 1e-6
@@ -74,6 +76,26 @@ def test_torchvision_decoding_names_a_file_it_cannot_decode(tmp_path):
         torchvision_rgb(str(bad))
 
 
+def test_pil_decoding_names_a_truncated_file(photos_folder, tmp_path):
+    cut = tmp_path / "cut.jpg"
+    whole = (photos_folder / "top" / "000.jpg").read_bytes()
+    cut.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match="cut.jpg cannot be decoded by PIL .*; re-encode or remove it"):
+        pil_rgb(str(cut))
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    """torchvision decodes a 16-bit PNG to uint16 (values up to 65535), which a uint8 batch
+    cannot hold: each value becomes its high byte, so the ramp stays a ramp."""
+    path = tmp_path / "deep.png"
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(path)
+    image = torchvision_rgb(str(path))
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 64)
+    expected = torch.from_numpy((ramp >> 8).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in image)
+
+
 def test_two_ranks_make_the_one_rank_batch(photos_folder):
     # Each half's crops share a smaller canvas than the whole batch's; the halves are made in a
     # loader process, the whole batch in this one.
@@ -120,6 +142,15 @@ def test_a_folder_with_images_the_decoder_cannot_read_is_refused_before_the_run(
     expected = f"decoder: {decoder} reads .* not .*{extra}'; convert it, or set decoder: pil"
     with pytest.raises(ConfigError, match=expected):
         folders.check(cfg)
+
+
+def test_nvjpeg_takes_a_held_out_folder_of_pngs(photos_folder, tmp_path):
+    """The held-out set is decoded in the loader processes (torchvision), never by nvjpeg."""
+    val = tmp_path / "val"
+    for name in ("top", "bottom"):
+        (val / name).mkdir(parents=True)
+        Image.open(photos_folder / name / "000.jpg").save(val / name / "000.png")
+    folders.check(jpeg_cfg(photos_folder, decoder="nvjpeg", device="cuda", val_dir=str(val)))
 
 
 @pytest.mark.gpu

@@ -159,6 +159,9 @@ def test_schedules_warm_up_then_decay():
     assert lr_at(cosine, 9) == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 8)) / 2)
     step = RunConfig(steps=10, lr=0.1, lr_schedule="step", lr_milestones=(3, 6), lr_gamma=0.5)
     assert [lr_at(step, s) for s in (2, 3, 5, 6, 9)] == [0.1, 0.05, 0.05, 0.025, 0.025]
+    # A milestone inside the warm-up scales its rates too: the rate never climbs past a decay.
+    early = step.replace(warmup_steps=4, lr_milestones=(2,), lr_gamma=0.1)
+    assert [lr_at(early, s) for s in range(6)] == pytest.approx([0.025, 0.05, 0.0075, 0.01, 0.01, 0.01])
     scaled = RunConfig(num_workers=4, batch_size_per_worker=32, lr=0.1, lr_scaling="linear", base_batch_size=256)
     assert lr_at(scaled, 0) == pytest.approx(0.05)  # 0.1 x 128 / 256
 
