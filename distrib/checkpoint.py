@@ -75,7 +75,13 @@ def write(run_dir: str | Path | RemotePath, *, step: int, cfg: RunConfig, payloa
         check_uploaded(path, chunks)  # a failed upload must not become the newest, nor cost the older ones
         marker = {"step": step, "file": path.name, "sha256": sha256}
         storage.write_whole(folder / MARKER, [json.dumps(marker).encode() + b"\n"])
-    for old in on_disk(run_dir)[:-keep]:
+    else:  # a marker copied down from object storage names a checkpoint this run has moved past
+        (folder / MARKER).unlink(missing_ok=True)
+    # Files named after this one are from a timeline the run left (it resumed from an older
+    # checkpoint, so they did not verify, or their marker was never written): they go too.
+    files = on_disk(run_dir)
+    older = [old for old in files if old.name <= path.name]
+    for old in older[:-keep] + [stale for stale in files if stale.name > path.name]:
         old.unlink()
     return path
 
@@ -117,15 +123,20 @@ def read(path: Path | RemotePath) -> Checkpoint:
 def newest_valid(run_dir: str | Path | RemotePath) -> tuple[Checkpoint, list[str]]:
     """The newest checkpoint that verifies, and one line per newer one skipped (and why).
     Where a MARKER is (object storage), files newer than the one it names are skipped: their
-    write never finished."""
+    write never finished. An unreadable marker is skipped, and said."""
     files = on_disk(run_dir)
     skipped = []
     marker = checkpoint_dir(run_dir) / MARKER
-    if marker.is_file():
-        newest = json.loads(marker.read_text())["file"]
-        skipped = [f"{path} is newer than {MARKER} ({newest}): its write never finished"
-                   for path in reversed(files) if path.name > newest]
-        files = [path for path in files if path.name <= newest]
+    if isinstance(marker, RemotePath) and marker.is_file():  # local writes need none: a rename is atomic
+        try:
+            newest = json.loads(marker.read_text())["file"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            newest = None  # every file still verifies by its own sha256
+            skipped = [f"{marker} is unreadable ({err!r}): every checkpoint is checked by its sha256"]
+        if newest is not None:
+            skipped = [f"{path} is newer than {MARKER} ({newest}): its write never finished"
+                       for path in reversed(files) if path.name > newest]
+            files = [path for path in files if path.name <= newest]
     for path in reversed(files):
         try:
             return read(path), skipped
@@ -148,6 +159,7 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, *, resolved: bool =
         if (key not in RESUMABLE_KEYS or fixed) and not unknown and current.get(key) != value:
             raise CheckpointError(f"{checkpoint.path} is from a different run: {key} is {value!r} there, "
                                   f"{current.get(key)!r} here; resume with the same {key}")
-    if checkpoint.step > cfg.steps:
-        raise CheckpointError(f"{checkpoint.path} is at step {checkpoint.step}, past steps={cfg.steps}; "
-                              "raise steps to go on")
+    if checkpoint.step >= cfg.steps:  # nothing left to train: a resume would only rewrite the summary
+        where = "past" if checkpoint.step > cfg.steps else "at"
+        raise CheckpointError(f"{checkpoint.path} is at step {checkpoint.step}, {where} steps={cfg.steps}: "
+                              "the run is done; raise steps (--set steps=N) to train on")

@@ -20,6 +20,7 @@ ever in a config, a message or a log.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import socket
@@ -180,13 +181,18 @@ def write_whole(path: Path | RemotePath, chunks: Sequence[bytes], *, durable: bo
 
 def _write_local(path: Path, chunks: Sequence[bytes], *, durable: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the write's own error is the one to report
+            tmp.unlink(missing_ok=True)  # a full disk must not keep a checkpoint's worth of a failed write
+        raise
     if durable:
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

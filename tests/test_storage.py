@@ -105,6 +105,14 @@ def test_a_checkpoint_newer_than_the_marker_is_never_the_newest(run_uri):
     assert len(skipped) == 1 and "step-00000004.ckpt is newer than latest.json" in skipped[0]
 
 
+def test_an_unreadable_marker_is_said_and_every_checkpoint_verified(run_uri):
+    checkpoint.write(run_uri, step=2, cfg=CFG, payload=b"two", keep=3)
+    storage.write_whole(checkpoint.checkpoint_dir(run_uri) / checkpoint.MARKER, [b"{cut sh"])
+    ckpt, skipped = checkpoint.newest_valid(run_uri)
+    assert ckpt.step == 2
+    assert len(skipped) == 1 and "latest.json is unreadable" in skipped[0]
+
+
 _UPLOAD = """
 import sys
 from distrib import checkpoint
