@@ -10,10 +10,11 @@ from distrib.errors import (
     ReplicaError,
     ReplicaTimeout,
     StoppedAtOnce,
+    WriteError,
 )
 
 __all__ = ["CheckpointError", "ConfigError", "DivergenceError", "Orchestrator", "PlacementError", "ReplicaError",
-           "ReplicaTimeout", "RunConfig", "StoppedAtOnce", "keep_warm", "load_config"]
+           "ReplicaTimeout", "RunConfig", "StoppedAtOnce", "WriteError", "keep_warm", "load_config"]
 __version__ = "0.1.0"
 
 

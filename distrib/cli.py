@@ -20,7 +20,15 @@ from pathlib import Path
 import yaml
 
 from distrib import config, preflight, storage
-from distrib.errors import CheckpointError, ConfigError, DivergenceError, PlacementError, ReplicaError, StoppedAtOnce
+from distrib.errors import (
+    CheckpointError,
+    ConfigError,
+    DivergenceError,
+    PlacementError,
+    ReplicaError,
+    StoppedAtOnce,
+    WriteError,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = config.load(args.config, args.overrides)
     # Before Ray starts: what can never run is a one-line error in a second.
-    preflight.check(cfg, local=_starts_local_ray(args))
+    preflight.check(cfg, local=_starts_local_ray(args), new_run=not args.resume)
     orch = Orchestrator(cfg, progress=not args.no_progress, resume_dir=args.resume)  # reads the checkpoint
     connect_ray(args.address)
     stop = _StopSignals()
@@ -148,7 +156,7 @@ def _train(args: argparse.Namespace) -> int:
         with orch:
             try:
                 orch.train()
-            except ReplicaError as err:
+            except (ReplicaError, DivergenceError, WriteError) as err:
                 if orch.stopped_by is None:
                     raise
                 failure = err  # the stop could not finish: what is on disk stands
@@ -159,20 +167,24 @@ def _train(args: argparse.Namespace) -> int:
             print(f"distrib: stopped at once by a second {err.signal_name} after {orch.step_count} steps; "
                   f"{_newest(orch)}", file=sys.stderr)
         return _exit_code(err.signal_name)
-    if orch.stopped_by is None:
-        print(f"run directory: {orch.run_dir}")
-        return 0
-    return _report_stop(orch, failure)
+    if orch.stopped_by is not None and failure is None and orch.step_count == orch.cfg.steps:
+        # The last steps were queued before the stop came: they ran, with the run's end, so it is done.
+        print(f"distrib: {orch.stopped_by} came as the run ended: all {orch.step_count} steps done", file=sys.stderr)
+    elif orch.stopped_by is not None:
+        return _report_stop(orch, failure)
+    print(f"run directory: {orch.run_dir}")
+    return 0
 
 
-def _report_stop(orch, failure: ReplicaError | None) -> int:
+def _report_stop(orch, failure: ReplicaError | DivergenceError | WriteError | None) -> int:
     """The one line a stopped run ends with, and its exit code."""
-    newest = orch.rundir.newest_checkpoint()
+    newest = orch.rundir.newest_written
     if failure is None and newest is not None and newest.name == f"step-{orch.step_count:08d}.ckpt":
         print(f"distrib: stopped by {orch.stopped_by} after {orch.step_count} steps; checkpoint {newest.name} "
               f"written; resume with: distrib train --resume {orch.run_dir}", file=sys.stderr)
     else:
-        why = f" ({failure}; stop_grace_s={orch.cfg.stop_grace_s})" if failure is not None else ""
+        grace = f"; stop_grace_s={orch.cfg.stop_grace_s}" if isinstance(failure, ReplicaError) else ""
+        why = f" ({failure}{grace})" if failure is not None else ""
         print(f"distrib: stopped by {orch.stopped_by} after {orch.step_count} steps without a new checkpoint{why}; "
               f"{_newest(orch)}", file=sys.stderr)
     return _exit_code(orch.stopped_by)
@@ -182,7 +194,7 @@ def _newest(orch) -> str:
     """Where a stopped run can be resumed from, in words."""
     if orch.rundir is None or not orch.rundir.path.exists():  # none made, or a failed start's removed
         return "nothing was written"
-    newest = orch.rundir.newest_checkpoint()
+    newest = orch.rundir.newest_written
     if newest is None:
         return f"no checkpoint yet; metrics so far are in {orch.run_dir}"
     return f"the newest checkpoint is {newest.name}; resume with: distrib train --resume {orch.run_dir}"
@@ -212,6 +224,9 @@ def _scale(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config)
     # Before Ray starts, and before anything is written: a bad out_dir or --resume is a one-line error.
     out_dir = check_out_dir(sweep, baseline=args.baseline, resume_dir=args.resume)
+    for point in sweep.points():  # as train checks its config: a point that can never run stops none
+        preflight.check(sweep.run_config(point, run_dir=str(out_dir / "points")), local=_starts_local_ray(args),
+                        new_run=False)  # the sweep names its points' run directories itself
     connect_ray(args.address)
     out_dir, rows = run_sweep(sweep, baseline=args.baseline, out_dir=out_dir,
                               say=lambda text: print(text, file=sys.stderr, flush=True))
@@ -223,8 +238,9 @@ def _scale(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     # The paths `train` checks before Ray starts (not whether this machine could hold the run:
-    # a config is often checked on a laptop for a cluster).
-    preflight.check(cfg, local=False)
+    # a config is often checked on a laptop for a cluster; nor whether run_dir is free: a run's
+    # own config.yaml names the run it is in).
+    preflight.check(cfg, local=False, new_run=False)
     print(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -307,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distrib: interrupted", file=sys.stderr)
         return 130
-    except (ReplicaError, DivergenceError, PlacementError) as err:  # the traceback is in Ray's logs
+    except (ReplicaError, DivergenceError, PlacementError, WriteError) as err:  # the traceback is in Ray's logs
         print(f"distrib: run failed: {err}", file=sys.stderr)
         return 1
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,14 +37,35 @@ def connect_ray(address: str | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        fix = "give HOST:PORT of a Ray head (GCS port, 6379 by default), auto, or ray://HOST:10001"
+        if reason := _unreachable(address):  # ray.init would retry for minutes, printing only its own warnings
+            raise ConfigError(f"--address {address!r} (or RAY_ADDRESS) is invalid: {reason}; start the cluster, or "
+                              f"{fix}")
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ValueError, ConnectionError) as err:  # a malformed address, or nothing answers there
-            raise ConfigError(f"--address {address!r} (or RAY_ADDRESS) is invalid: {first_line(err)}; give HOST:PORT "
-                              "of a Ray head (GCS port, 6379 by default), auto, or ray://HOST:10001") from None
+            raise ConfigError(f"--address {address!r} (or RAY_ADDRESS) is invalid: {first_line(err)}; {fix}") from None
         return False
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
     return True
+
+
+CONNECT_PROBE_S = 5.0
+"""How long the TCP probe of a Ray address waits for an answer."""
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing can answer at a HOST:PORT or ray://HOST:PORT address (one TCP connection,
+    CONNECT_PROBE_S at most), or None: it answers, or it is not of that form (auto, malformed:
+    ray.init says what is wrong with it)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_PROBE_S).close()
+    except OSError as err:
+        return f"nothing answers at {host}:{port} ({err.strerror or type(err).__name__})"
+    return None
 
 
 def cluster_gpus() -> float:

@@ -108,7 +108,8 @@ class Orchestrator(RecoveryPolicy):
         """Open the run directory, place and start the replicas, connect them, and verify
         they hold identical state."""
         try:
-            preflight.check(self.requested_cfg, local=not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")))
+            preflight.check(self.requested_cfg, local=not (ray.is_initialized() or os.environ.get("RAY_ADDRESS")),
+                            new_run=self.resume_dir is None)
             connect_ray()
             cfg = comm.resolve_config(self.requested_cfg, cluster_gpus=cluster_gpus())
             preflight.check_cluster_fit(cfg)  # a cluster without an autoscaler names what it lacks at once
@@ -126,6 +127,8 @@ class Orchestrator(RecoveryPolicy):
             self._faults = faults.parse(self.cfg.faults, num_workers=self.cfg.num_workers)
             self._weights_ref = ray.put(self._load_weights() if snapshot is None else None)
             self._start_group()
+            if snapshot is not None:  # a resume: what was due where it goes on may never have run
+                self._boundary_after_recovery()
         except BaseException:
             self.shutdown()
             if self.rundir is not None and self.resume_dir is None:
@@ -258,6 +261,7 @@ class Orchestrator(RecoveryPolicy):
                 next_step = self._queue(queue, next_step, end)
             if not queue and growing:
                 self._grow()
+                last_done = time.perf_counter()  # the grow's seconds are no step's wall time
                 continue
             if not queue:
                 return

@@ -4,7 +4,8 @@ No module imports another for its errors, so there are no import cycles through
 them, and the CLI maps each type to an exit code at its top:
 
     ConfigError, CheckpointError                  -> exit 2 (bad input; nothing started)
-    ReplicaError, DivergenceError, PlacementError -> exit 1 (the run failed)
+    ReplicaError, DivergenceError, PlacementError,
+    WriteError                                    -> exit 1 (the run failed)
     StoppedAtOnce                                 -> exit 128 + the signal's number
 
 Every message is one line that names what went wrong and the fix.
@@ -51,6 +52,11 @@ class DivergenceError(RuntimeError):
 
 class PlacementError(RuntimeError):
     """The cluster could not hold all the replicas within start_timeout_s."""
+
+
+class WriteError(RuntimeError):
+    """A checkpoint could not be written mid-run (a full disk, a store's error, an upload that
+    did not read back whole); names the file and the cause. The checkpoints before it stand."""
 
 
 class StoppedAtOnce(BaseException):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image
 
 from distrib import checkpoint, evaluation, folders, storage
 from distrib.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -107,14 +108,21 @@ def _write_pair(out: Path, weights: bytes, meta_bytes: bytes) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+META_KEYS = ("classes", "num_classes", "image_size", "mean", "step")
+"""What `distrib evaluate` reads from an exported model's .json."""
+
+
 def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata) from a run directory or an exported .pth with its .json beside it;
-    CheckpointError for a .pth or .json that cannot be read."""
+    """(state_dict, metadata) from a run directory or an exported .pth with its .json beside it
+    (either may be on object storage); CheckpointError for a .pth or .json that cannot be read."""
     if storage.is_uri(str(source)):
-        return from_run(source)
-    source = Path(source)
-    if source.is_dir():
-        return from_run(source)
+        source = storage.locate(str(source), what="model")
+        if not source.name.endswith(".pth"):  # no folders there: a URI not naming a .pth is a run
+            return from_run(source)
+    else:
+        source = Path(source)
+        if source.is_dir():
+            return from_run(source)
     sidecar = source.with_suffix(".json")
     if not source.is_file() or not sidecar.is_file():
         raise ConfigError(f"model: {str(source)!r} is invalid: give a run directory or a file written by "
@@ -124,12 +132,16 @@ def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except (ValueError, OSError) as err:
         raise CheckpointError(f"model: {str(sidecar)!r} is unreadable ({first_line(err)}); give the .json "
                               "distrib export wrote beside the .pth") from None
+    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise CheckpointError(f"model: {str(sidecar)!r} is not what distrib export writes (no {missing[0]!r}); "
+                              "give the .json distrib export wrote beside the .pth")
     try:
         weights = source.read_bytes()
     except OSError as err:
-        raise CheckpointError(f"model: {str(source)!r} is unreadable ({err.strerror}); give a .pth written by "
+        raise CheckpointError(f"model: {str(source)!r} is unreadable ({first_line(err)}); give a .pth written by "
                               "distrib export") from None
-    expected = meta.get("weights_sha256") if isinstance(meta, dict) else None
+    expected = meta.get("weights_sha256")
     if expected is not None and hashlib.sha256(weights).hexdigest() != expected:
         raise CheckpointError(f"model: {str(source)!r} is not the weights {str(sidecar)!r} describes (an export "
                               "was cut short between its two files); run distrib export again")
@@ -139,7 +151,22 @@ def load(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         # torch's own message runs to many lines: the file and the error's type say enough
         raise CheckpointError(f"model: {str(source)!r} is unreadable: torch.load fails ({type(err).__name__}); "
                               "give a .pth written by distrib export") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model: {str(source)!r} holds a {type(state).__name__}, not a state_dict; "
+                              "give a .pth written by distrib export")
     return state, meta
+
+
+UNDECODABLE = "cannot be decoded by PIL"
+
+
+def _pil_image(path: str) -> Image.Image:
+    """ImageFolder's own loader (PIL, RGB), naming a file it cannot decode."""
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"--data: {path} {UNDECODABLE} ({first_line(err)}); re-encode or remove it") from None
 
 
 def evaluate_folder(source: str | Path, data_dir: str | Path, *, batch_size: int = 64,
@@ -152,7 +179,7 @@ def evaluate_folder(source: str | Path, data_dir: str | Path, *, batch_size: int
     folders.nonempty_tree("--data", str(data_dir))  # the check training makes of data_dir
     state, meta = load(source)
     transform = eval_transform(meta["image_size"], normalize=meta["mean"] is not None)
-    dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform)
+    dataset = torchvision.datasets.ImageFolder(str(data_dir), transform=transform, loader=_pil_image)
     if dataset.classes != meta["classes"]:
         differ = sorted(set(meta["classes"]) ^ set(dataset.classes))
         raise ConfigError(f"--data: {str(data_dir)!r} is invalid: its classes are not the model's (first "
@@ -168,6 +195,12 @@ def evaluate_folder(source: str | Path, data_dir: str | Path, *, batch_size: int
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=loader_workers)
     batches = ((images.to(device), targets.to(device)) for images, targets in loader)
     started = time.perf_counter()
-    counts = evaluation.evaluate(model, batches)
+    try:
+        counts = evaluation.evaluate(model, batches)
+    except ValueError as err:  # from a loader process: torch wraps _pil_image's line in a traceback
+        line = str(err).strip().splitlines()[-1].removeprefix("ValueError: ")
+        if UNDECODABLE not in line:
+            raise
+        raise ConfigError(line) from None
     return combine_evals(step=meta["step"] - 1, rank_records=[counts], eval_s=time.perf_counter() - started,
                          finished_at=time.time())

@@ -210,7 +210,7 @@ class ReplicaGroup:
         while True:
             ready, _ = ray.wait(refs, num_returns=len(refs),
                                 timeout=max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic())))
-            if len(ready) == len(refs) or time.monotonic() >= deadline:
+            if len(ready) == len(refs) or time.monotonic() >= self._capped(deadline):
                 break
             self.check_abort()
         late = sorted(rank for rank, ref in self._starting.items() if ref not in ready)
@@ -242,6 +242,7 @@ class ReplicaGroup:
                 ray.get(prepared)
             except ray.exceptions.RayError:  # it died starting: try again in the same bundle
                 self._unread.append(prepared)
+                ray.kill(actor, no_restart=True)  # one whose set-up raised lives on, holding the bundle
                 fresh = self._new_actor(bundle)
                 self._joining.append((fresh, bundle, fresh.prepare.remote(self.cfg, weights=self._weights)))
                 continue
@@ -266,9 +267,14 @@ class ReplicaGroup:
         deadline = time.monotonic() + timeout_s
         while not ray.wait([ref], timeout=WAIT_SLICE_S)[0]:
             self.check_abort()
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= self._capped(deadline):
                 return False
         return True
+
+    def _capped(self, deadline: float) -> float:
+        """`deadline`, or a stop's grace if that ends first (it may begin during a wait)."""
+        cap = self._wait_deadline()
+        return deadline if cap is None else min(deadline, cap)
 
     def read_at_stop(self, refs: list) -> None:
         """Hold `refs` (calls of lost ranks) and read them when the group stops, not now."""
@@ -341,8 +347,7 @@ class ReplicaGroup:
         results: list = [None] * len(refs)
         try:
             while pending:
-                cap = self._wait_deadline()
-                remaining_s = min(started + timeout_s, cap if cap is not None else float("inf")) - time.monotonic()
+                remaining_s = self._capped(started + timeout_s) - time.monotonic()
                 # In batches: the wait returns when all are in, or after a short slice with those in
                 # by then (a failed call among them is seen within the slice): a few waits and gets
                 # per call, not one of each per rank, which at 128 ranks cost the driver ~10%.

@@ -19,16 +19,17 @@ import os
 import shutil
 from pathlib import Path
 
-from distrib import folders, storage
+from distrib import folders, rundir, storage
 from distrib.config import RunConfig
 from distrib.errors import ConfigError
 
 
-def check(cfg: RunConfig, *, local: bool) -> None:
+def check(cfg: RunConfig, *, local: bool, new_run: bool = True) -> None:
     """Raise ConfigError for what this run can never do; `local`: the run starts its own local
-    Ray instance (no address given, none in $RAY_ADDRESS, none running in this process)."""
+    Ray instance (no address given, none in $RAY_ADDRESS, none running in this process);
+    `new_run`: run_dir must take a new run (False for a resume)."""
     folders.check(cfg)
-    _check_run_dir(cfg)
+    _check_run_dir(cfg, new_run=new_run)
     if cfg.weights not in ("none", "DEFAULT") and not Path(cfg.weights).is_file():
         raise ConfigError(f"weights: {cfg.weights!r} is invalid: no such file; give a .pth/.pt state dict, "
                           "DEFAULT or none")
@@ -36,15 +37,17 @@ def check(cfg: RunConfig, *, local: bool) -> None:
         _check_local_fit(cfg)
 
 
-def _check_run_dir(cfg: RunConfig) -> None:
+def _check_run_dir(cfg: RunConfig, *, new_run: bool) -> None:
     """A URI: its store must be writable (storage.check_writable). A local path: the run
-    directory, or the first of its parents that exists, must be a directory."""
+    directory, or the first of its parents that exists, must be a directory. A new run's
+    directory, unless `{time}` names a new one, must not hold a run's files (rundir.check_new)."""
     run_dir = cfg.run_dir
     if storage.is_uri(run_dir):
         storage.check_writable(run_dir.replace("{time}", "time"))
-        return
-    if problem := unwritable(Path(run_dir.replace("{time}", "time"))):
+    elif problem := unwritable(Path(run_dir.replace("{time}", "time"))):
         raise ConfigError(f"run_dir: {run_dir!r} is invalid: {problem}; choose another run_dir")
+    if new_run and "{time}" not in run_dir:
+        rundir.check_new(storage.locate(run_dir.format()))  # {{ and }} are literal braces
 
 
 def unwritable(path: Path) -> str | None:
@@ -72,6 +75,11 @@ def local_gpus() -> int | None:
 
 
 def _check_local_fit(cfg: RunConfig) -> None:
+    if cfg.device == "auto" and local_gpus() == 0:  # auto is cpu here: the rules of a CPU run apply
+        try:
+            cfg.replace(device="cpu")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (device: auto is cpu: this machine has no GPU)") from None
     replicas = cfg.num_workers + cfg.spare_workers
     spares = f" (with {cfg.spare_workers} spare)" if cfg.spare_workers else ""
     cpus = os.cpu_count() or 1

@@ -50,15 +50,28 @@ class RecoveryPolicy:
 
     def _recover(self, err: ReplicaError, *, rebuild: bool = False) -> None:
         """Heal the group, or (`rebuild`, recovery: restart, or no heal possible) replace it and
-        go back to the newest snapshot; or give up: out of restarts, or a deterministic failure."""
+        go back to the newest snapshot; or give up: out of restarts, or a deterministic failure.
+        A recovery that fails in turn (a replica lost while the new group starts) is a failure
+        like any other: a restart follows, while restarts are left. A stop asked for
+        meanwhile ends the recovery: the run stops with what is on disk."""
+        while True:
+            try:
+                event = self._recoveries.admit(err, step=self.step_count, nodes=self._group.nodes,
+                                               last_progress_at=self.history[-1].finished_at if self.history else None)
+            except ReplicaError:
+                self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
+                raise
+            self._faults = faults.unspent(self._faults, handed_out=err.step)
+            try:
+                return self._heal_or_restart(err, event, rebuild=rebuild)
+            except ReplicaError as again:
+                if self.stopped_by is not None:
+                    raise
+                self._say(f"recovery failed: {again}")
+                err, rebuild = again, True  # a group half re-formed has no survivors to heal from
+
+    def _heal_or_restart(self, err: ReplicaError, event: dict, *, rebuild: bool) -> None:
         cfg = self.cfg
-        try:
-            event = self._recoveries.admit(err, step=self.step_count, nodes=self._group.nodes,
-                                           last_progress_at=self.history[-1].finished_at if self.history else None)
-        except ReplicaError:
-            self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
-            raise
-        self._faults = faults.unspent(self._faults, handed_out=err.step)
         # NCCL reports a broken collective asynchronously, after later kernels (the optimizer's)
         # were queued: a survivor's state is then not known to be at a step boundary.
         if cfg.recovery == "heal" and cfg.backend == "gloo" and not rebuild:
@@ -66,6 +79,8 @@ class RecoveryPolicy:
             try:
                 return self._heal(err, event)
             except (ReplicaError, DivergenceError) as heal_err:
+                if self.stopped_by is not None:  # no restart (seconds of placement) inside a stop's grace
+                    raise
                 self._say(f"heal failed: {heal_err}; restarting the group")
         self._restart(err, event)
 
@@ -82,7 +97,7 @@ class RecoveryPolicy:
         started = time.monotonic()
         self.check_consistency()
         check_s = time.monotonic() - started
-        self._boundary_after_heal()
+        self._boundary_after_recovery()
         event["ranks"] = sorted(set(err.ranks) | set(healed.replaced) | set(healed.left_out))  # all lost
         if healed.left_out:
             self._resized(world_size, "shrink", because=f"no replacement within {self.cfg.elastic_wait_s:g} s")
@@ -103,13 +118,18 @@ class RecoveryPolicy:
                   f"{self.step_count}: {because}")
         self.rundir.record_event(event)
 
-    def _boundary_after_heal(self) -> None:
-        """The checkpoint and evaluation due at the step a heal resumes from: the calls that held
-        them were dropped with the failure (the digest check stands for a check)."""
+    def _boundary_after_recovery(self) -> None:
+        """The checkpoint and evaluation due at the step the group goes on from, which the calls
+        dropped with a failure (or a crash before a resume) may never have run: the checkpoint
+        unless the snapshot is at this step, the evaluation unless its record is in the run's
+        metrics (it ran before the failure, in this process or the one resumed from). Nothing at
+        step 0. The group's own start-up or heal check stands for a check."""
+        if self.step_count == 0:
+            return
         for kind in cadence.boundary_calls(self.cfg, self.step_count):
             if kind == "checkpoint":
                 self._checkpoint_now(wait_for_disk=False)
-            elif kind == "eval":
+            elif kind == "eval" and self.step_count - 1 not in self.rundir.evaluated_steps:
                 self.evaluate()
 
     def _restart(self, err: ReplicaError, event: dict) -> None:
@@ -125,6 +145,7 @@ class RecoveryPolicy:
         self.evals = [m for m in self.evals if m.step < restore_step]
         self.rundir.rewind(restore_step)
         self._start_group()
+        self._boundary_after_recovery()
         self._recoveries.recovered({
             "event": "restart", **event, "restarted_at": time.time(), "restored_step": restore_step,
             "rebuild_s": time.monotonic() - started, "steps_redone": redone})

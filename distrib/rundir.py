@@ -23,6 +23,7 @@ only for TensorBoard files and a real replica's snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ import yaml
 
 from distrib import checkpoint, storage
 from distrib.config import RunConfig, to_dict
-from distrib.errors import ConfigError
+from distrib.errors import CheckpointError, ConfigError, WriteError, first_line
 from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.protocol import HostState
 from distrib.storage import LineLog, RemotePath
@@ -106,25 +107,27 @@ class RunDir:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
                                           initializer=_lower_priority)
         self._pending_write: Future | None = None
-        self._made_dir = False
+        self._made_dirs: list[Path] = []
+        self.newest_written: Path | RemotePath | None = None
+        """The checkpoint to resume from: the newest this run wrote whole (verified, on object
+        storage), else the one it resumed from; None before either."""
+        self.evaluated_steps: set[int] = set()
+        """The steps after which an evaluation is recorded in metrics.jsonl (kept by a rewind)."""
 
     @classmethod
     def create(cls, cfg: RunConfig) -> RunDir:
         """A new run directory at cfg.run_dir (`{time}` filled in); ConfigError if it holds a run."""
         path = storage.locate(cfg.run_dir.format(time=time.strftime("%Y%m%d-%H%M%S")))
-        if (path / "metrics.jsonl").exists():
-            raise ConfigError(f"run_dir: {str(path)!r} already holds a run (metrics.jsonl); "
-                              "choose another run_dir, remove it, or resume it with --resume")
-        # A run writes these names over, and a start that fails removes them (discard): a user's
-        # own config.yaml kept there would be lost.
-        held = next((name for name in RUN_FILES + RUN_FOLDERS if (path / name).exists()), None)
-        if held is not None:
-            raise ConfigError(f"run_dir: {str(path)!r} already holds {held}, which a run writes; "
-                              "choose another run_dir, or move it away")
-        made = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        check_new(path)
+        # Local folders this start makes, deepest first: a start that fails removes them again.
+        made = [] if isinstance(path, RemotePath) else [p for p in (path, *path.parents) if not p.exists()]
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"run_dir: {str(path)!r} cannot be made ({first_line(err)}); choose another "
+                              "run_dir") from None
         run = cls(path, cfg, snapshot=None)
-        run._made_dir = made
+        run._made_dirs = made
         return run
 
     @staticmethod
@@ -147,6 +150,7 @@ class RunDir:
         ckpt = newest if newest is not None else cls.newest_to_resume(path, say=say)
         checkpoint.check_compatible(ckpt, cfg.replace(run_dir=str(path)))
         run = cls(path, cfg, snapshot=Snapshot(ckpt.step, ckpt.payload))
+        run.newest_written = ckpt.path
         run.rewind(ckpt.step)
         say(f"resuming {path} at step {ckpt.step} from {ckpt.path.name}")
         return run
@@ -167,14 +171,17 @@ class RunDir:
         step order."""
         snapshot = self.snapshot = Snapshot(step, taken)
         self.flush()  # on object storage, uploads the metrics of the steps before `step` too
-        self._pending_write = self._writer.submit(
-            lambda: checkpoint.write(self.path, step=step, cfg=self.cfg, payload=snapshot.payload,
-                                     keep=self.cfg.keep_checkpoints))
+        self._pending_write = self._writer.submit(self._write_checkpoint, snapshot)
 
-    def newest_checkpoint(self) -> Path | RemotePath | None:
-        """The newest checkpoint file written so far (None before the first)."""
-        files = checkpoint.on_disk(self.path)
-        return files[-1] if files else None
+    def _write_checkpoint(self, snapshot: Snapshot) -> None:
+        try:
+            self.newest_written = checkpoint.write(self.path, step=snapshot.step, cfg=self.cfg,
+                                                   payload=snapshot.payload, keep=self.cfg.keep_checkpoints)
+        except (OSError, CheckpointError) as err:
+            where = f"{self.path}/checkpoints/step-{snapshot.step:08d}.ckpt"
+            raise WriteError(f"the checkpoint {where} could not be written ({first_line(err)}); those before it "
+                             f"stand: free space or fix the store, then resume with: distrib train --resume "
+                             f"{self.path}") from err
 
     def flush(self) -> None:
         """Upload the metrics not yet uploaded (object storage), and wait for the checkpoint being
@@ -189,12 +196,22 @@ class RunDir:
     # ---- records -----------------------------------------------------------------------------
     def write_metrics(self, metrics: StepMetrics | EvalMetrics) -> None:
         self._metrics.append(json.dumps(asdict(metrics)))
+        if isinstance(metrics, EvalMetrics):
+            self.evaluated_steps.add(metrics.step)
         if self._tensorboard is not None:
             self._tensorboard.write(metrics)
 
     def rewind(self, step: int) -> None:
         """Forget the metrics of steps from `step` on: they are about to be run again."""
-        self._metrics.keep(lambda line: json.loads(line)["step"] < step)
+        self.evaluated_steps = set()
+
+        def kept(line: str) -> bool:
+            record = json.loads(line)
+            if record["step"] < step and record.get("kind") == "eval":
+                self.evaluated_steps.add(record["step"])
+            return record["step"] < step
+
+        self._metrics.keep(kept)
         if self._tensorboard is not None:
             from distrib.tblog import TensorBoardLog
 
@@ -220,7 +237,7 @@ class RunDir:
 
     def discard(self) -> None:
         """Remove what this run wrote, after a start that failed before any step: the files of a
-        run, and the directory itself if `create` made it (a directory that was there stays)."""
+        run, and the folders `create` made (run_dir and any parents; one that was there stays)."""
         self.close()
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
@@ -230,6 +247,20 @@ class RunDir:
                 file.unlink(missing_ok=True)
             return
         shutil.rmtree(self.path / "tb", ignore_errors=True)
-        if self._made_dir and not any(self.path.iterdir()):
-            self.path.rmdir()
+        for folder in self._made_dirs:  # deepest first; one that something else wrote into stays
+            with contextlib.suppress(OSError):  # the start's own error is the one to report
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+
+
+def check_new(path: Path | RemotePath) -> None:
+    """ConfigError unless `path` may take a new run: it must not hold a run (resume that instead),
+    nor a file or folder a run writes, which a start that fails would remove (discard)."""
+    if (path / "metrics.jsonl").exists():
+        raise ConfigError(f"run_dir: {str(path)!r} already holds a run (metrics.jsonl); "
+                          "choose another run_dir, remove it, or resume it with --resume")
+    held = next((name for name in RUN_FILES + RUN_FOLDERS if (path / name).exists()), None)
+    if held is not None:
+        raise ConfigError(f"run_dir: {str(path)!r} already holds {held}, which a run writes; "
+                          "choose another run_dir, or move it away")
 

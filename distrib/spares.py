@@ -46,8 +46,10 @@ class SparePool:
                 ray.get(spare.ready)
                 ready.append((ray.get(spare.node).node_id in avoid_nodes, spare))
             except ray.exceptions.RayError as err:
-                log.warning("a hot spare failed to start and is dropped: %s", str(err).strip().splitlines()[0])
+                log.warning("a hot spare failed to start and is replaced: %s", str(err).strip().splitlines()[0])
                 self._spares.remove(spare)
+                ray.kill(spare.actor, no_restart=True)  # one whose set-up raised lives on, holding its bundle
+                self.refill_later(spare.bundle)
         if not ready:
             return None
         _, spare = min(ready, key=lambda pair: pair[0])  # False (off the lost nodes) first

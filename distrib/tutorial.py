@@ -9,6 +9,9 @@ an explicit generator for the data, so both sides draw the same image.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +23,12 @@ from distrib.driver import Orchestrator
 
 
 def tutorial_config(*, seed: int, device: str, weights: str) -> RunConfig:
-    """The run config that makes the orchestrator do the tutorial's step."""
+    """The run config that makes the orchestrator do the tutorial's step. Its run directory is
+    a scratch folder (seed_step removes it): a check leaves nothing where it is run."""
+    scratch = os.path.join(tempfile.gettempdir(), f"distrib-seed-step-{os.getpid()}-{{time}}")
     return RunConfig(num_workers=1, device=device, batch_size_per_worker=1, image_size=64, num_classes=1000,
                      steps=1, lr=1e-2, momentum=0.9, seed=seed, loss="sum", weights=weights,
-                     precision="fp32", channels_last=False, cudnn_benchmark=False,
-                     run_dir="runs/seed-step-{time}")
+                     precision="fp32", channels_last=False, cudnn_benchmark=False, run_dir=scratch)
 
 
 def plain_tutorial_step(*, seed: int, device: str, weights: dict | None) -> tuple[float, dict]:
@@ -69,10 +73,15 @@ class SeedStepResult:
 def seed_step(*, seed: int = 0, device: str = "auto", weights: str = "none", progress: bool = False) -> SeedStepResult:
     """Run the tutorial's step through a 1-worker orchestrator and plainly; compare them."""
     cfg = tutorial_config(seed=seed, device=device, weights=weights)
-    with Orchestrator(cfg, progress=progress) as orch:
-        (metrics,) = orch.train()
-        state = orch.state()["model"]
-        resolved = orch.cfg
+    orch = Orchestrator(cfg, progress=progress)
+    try:
+        with orch:
+            (metrics,) = orch.train()
+            state = orch.state()["model"]
+            resolved = orch.cfg
+    finally:
+        if orch.run_dir is not None:
+            shutil.rmtree(orch.run_dir, ignore_errors=True)
     loaded = None
     if weights != "none":
         from distrib.model import load_weights

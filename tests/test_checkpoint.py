@@ -42,7 +42,30 @@ def test_crash_during_a_write_leaves_the_previous_checkpoint(tmp_path, monkeypat
         write(tmp_path, 4)
     monkeypatch.undo()
     ckpt, skipped = checkpoint.newest_valid(tmp_path)
-    assert ckpt.step == 2 and skipped == []  # the half-written .tmp is never a candidate
+    assert ckpt.step == 2 and skipped == []
+    assert not list(checkpoint.checkpoint_dir(tmp_path).glob("*.tmp"))  # a failed write leaves no 90 MB behind
+
+
+def test_a_new_checkpoint_replaces_those_of_the_timeline_it_left(tmp_path):
+    """Resumed from step 2 because step 4 is damaged, the run writes step 3: keep=1 keeps step 3,
+    not the damaged step 4 (which sorts after it), and step 4 goes as well."""
+    write(tmp_path, 2)
+    damaged = write(tmp_path, 4)
+    damaged.write_bytes(damaged.read_bytes()[:-3])
+    write(tmp_path, 3, keep=1)
+    assert [p.name for p in checkpoint.on_disk(tmp_path)] == ["step-00000003.ckpt"]
+    assert checkpoint.newest_valid(tmp_path)[0].step == 3
+
+
+def test_a_marker_copied_down_from_object_storage_is_not_obeyed_locally(tmp_path):
+    """Local checkpoints appear by rename and need no marker; one synced down with a run from
+    object storage names a checkpoint the run has since moved past, and goes at the next write."""
+    write(tmp_path, 2)
+    marker = checkpoint.checkpoint_dir(tmp_path) / checkpoint.MARKER
+    marker.write_text('{"step": 2, "file": "step-00000002.ckpt"}\n')
+    write(tmp_path, 4)
+    assert checkpoint.newest_valid(tmp_path)[0].step == 4
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(("damage", "reason"), [
@@ -87,8 +110,11 @@ def test_a_checkpoint_from_another_config_is_refused(tmp_path):
         checkpoint.check_compatible(ckpt, CFG.replace(lr=0.1))
     with pytest.raises(CheckpointError, match="num_classes is 1000 there, 10 here"):
         checkpoint.check_compatible(ckpt, CFG.replace(num_classes=10))
-    with pytest.raises(CheckpointError, match="past steps=1"):
+    with pytest.raises(CheckpointError, match="past steps=1: the run is done; raise steps"):
         checkpoint.check_compatible(ckpt, CFG.replace(steps=1))
+    # A run stopped after its last step: a resume would train nothing and only rewrite its summary.
+    with pytest.raises(CheckpointError, match="at steps=2: the run is done; raise steps"):
+        checkpoint.check_compatible(ckpt, CFG.replace(steps=2))
 
 
 def test_a_resume_that_changes_the_maths_is_refused_before_ray_starts(tmp_path, monkeypatch):
@@ -202,6 +228,46 @@ def test_checkpoints_are_written_at_the_lowest_cpu_priority(tmp_path):
         run.close()
     assert nice == WRITER_NICE == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < nice  # the driver's own thread is not
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_the_run_in_one_line(tmp_path):
+    """A full disk or a store's error mid-run is a failed run (WriteError: exit 1), naming the
+    file, the cause and how to go on; not a traceback, nor "bad input" (exit 2)."""
+    from distrib.errors import WriteError
+    from distrib.rundir import RunDir
+
+    run = RunDir.create(RunConfig(run_dir=str(tmp_path / "run")))
+    (tmp_path / "run" / "checkpoints").write_text("in the folder's way")
+    try:
+        run.save(2, b"state")
+        with pytest.raises(WriteError) as err:
+            run.flush()
+    finally:
+        run.close()
+    message, where = str(err.value), tmp_path / "run" / "checkpoints" / "step-00000002.ckpt"
+    assert message.startswith(f"the checkpoint {where} could not be written (")
+    assert message.endswith(f"resume with: distrib train --resume {tmp_path / 'run'}") and "\n" not in message
+    assert run.newest_written is None
+
+
+def test_a_failed_start_removes_the_folders_it_made_and_no_other(tmp_path):
+    from distrib.rundir import RunDir
+
+    (tmp_path / "there").mkdir()
+    run = RunDir.create(RunConfig(run_dir=str(tmp_path / "there" / "new" / "deeper" / "run")))
+    (tmp_path / "there" / "mine.txt").write_text("a user's file")
+    run.discard()
+    assert [p.name for p in tmp_path.iterdir()] == ["there"]
+    assert [p.name for p in (tmp_path / "there").iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc, where no folder can be made")
+def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
+    from distrib.errors import ConfigError
+    from distrib.rundir import RunDir
+
+    with pytest.raises(ConfigError, match=r"run_dir: '/proc/distrib-run' cannot be made \(.*\); choose another"):
+        RunDir.create(RunConfig(run_dir="/proc/distrib-run"))
 
 
 @pytest.mark.parametrize("held", ["config.yaml", "summary.json", "checkpoints"])

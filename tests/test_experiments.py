@@ -135,6 +135,22 @@ def test_cli_scale_refuses_an_out_dir_before_ray(tmp_path, capsys, no_ray, out_d
     assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("base", "message"), [
+    ("{device: cpu}", "num_workers: 64 workers x 1 CPU need 64 CPUs; this machine has"),
+    ("{weights: /no/such.pth}", "weights: '/no/such.pth' is invalid: no such file"),
+])
+def test_cli_scale_checks_every_point_before_ray(tmp_path, capsys, no_ray, base, message):
+    """A point that can never run (here the last) is refused before the first runs, and the
+    sweep writes nothing."""
+    path = sweep_file(tmp_path, f"base: {base}\nsweep: {{num_workers: [1, 64]}}\nout_dir: {tmp_path / 'out'}\n")
+    from distrib import cli
+
+    assert cli.main(["scale", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_bad_sweep_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "distrib", "scale", "--config", str(tmp_path / "none.yaml")],
                           capture_output=True, text=True, timeout=120)

@@ -67,8 +67,9 @@ def events(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
-def metric_steps(run_dir) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def metric_steps(run_dir, kind: str = "step") -> list[int]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [record["step"] for record in records if record["kind"] == kind]
 
 
 def assert_healed_once(run_dir, *, ranks: list[int], replaced: str) -> dict:
@@ -88,12 +89,16 @@ def assert_healed_once(run_dir, *, ranks: list[int], replaced: str) -> dict:
 def test_killed_rank_0_without_a_spare_is_replaced_by_a_fresh_actor_between_checkpoints(tmp_path, uninterrupted):
     """No spare: a fresh actor takes rank 0's place, its state from rank 1. With no snapshot to
     go back to (checkpoint_every: 0) a restart would redo every step; a heal redoes none, with
-    steps_per_call 2 and the kill in a call's second step. (Neither setting changes a number:
-    the uninterrupted run is the reference.)"""
+    steps_per_call 2 and the kill in a call's second step. (None of these settings changes a
+    number: the uninterrupted run is the reference.) The evaluation after step 2 ran before the
+    kill at step 3, so the heal, which goes on from the boundary where it was due, does not
+    evaluate again."""
     run_dir = tmp_path / "run"
-    healed, _ = run(heal_cfg(run_dir, checkpoint_every=0, steps_per_call=2, faults="kill:0@3"))
+    healed, orch = run(heal_cfg(run_dir, checkpoint_every=0, steps_per_call=2, faults="kill:0@3",
+                                eval_every=3, eval_size=8))
     assert_bit_identical(healed, uninterrupted)
     assert_healed_once(run_dir, ranks=[0], replaced="fresh")
+    assert [m.step for m in orch.evals] == metric_steps(run_dir, "eval") == [2, 5]
 
 
 def test_stalled_replica_is_named_within_seconds_with_the_defaults(tmp_path, uninterrupted):

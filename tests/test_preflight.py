@@ -72,6 +72,29 @@ def test_run_dir_that_is_a_file(tmp_path):
     assert_one_line_error(done, "run_dir: 'taken/run' is invalid", "is a file, not a folder")
 
 
+def test_a_run_dir_holding_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    done = train(tmp_path, "run_dir=run")
+    assert_one_line_error(done, "run_dir: 'run' already holds a run (metrics.jsonl)", "resume it with --resume")
+
+
+def test_device_auto_without_gpus_keeps_the_rules_of_a_cpu_run(tmp_path):
+    if preflight.local_gpus() != 0:
+        pytest.skip("this machine may have GPUs")
+    done = train(tmp_path, "device=auto", "precision=fp16", "run_dir=run")
+    assert_one_line_error(done, "fp16 autocast needs device: cuda", "(device: auto is cpu: this machine has no GPU)")
+
+
+def test_an_address_where_nothing_answers(tmp_path):
+    """Ray's own connection would retry for minutes, printing only its warnings."""
+    started = time.monotonic()
+    args = [sys.executable, "-m", "distrib", "train", "--address", "127.0.0.1:1", "--set", "run_dir=run"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert_one_line_error(done, "--address '127.0.0.1:1' (or RAY_ADDRESS) is invalid: nothing answers at 127.0.0.1:1")
+    assert time.monotonic() - started < 60 and not (tmp_path / "run").exists()
+
+
 def test_missing_weights_file(tmp_path):
     done = train(tmp_path, "weights=missing.pth", "num_classes=10", "run_dir=run")
     assert_one_line_error(done, "weights: 'missing.pth' is invalid: no such file")

@@ -104,6 +104,30 @@ def test_training_is_bit_identical_with_and_without_evaluation(small_cfg, tmp_pa
     assert_bit_identical(states[0], states[1])
 
 
+def test_a_resume_evaluates_where_it_goes_on_unless_that_evaluation_ran(small_cfg, tmp_path):
+    """A driver that died between the checkpoint at step 4 and the evaluation queued behind it
+    left no record of that evaluation (cut here from a finished run's metrics): the resume
+    runs it before step 4. Where the record is there, it does not run again; nor after the
+    restart back to step 4 that a kill at step 5 makes (recovery: restart)."""
+    cfg = small_cfg.replace(eval_every=2, eval_size=8, checkpoint_every=2)
+    done = tmp_path / "done"
+    with Orchestrator(cfg.replace(run_dir=str(done)), progress=False) as orch:
+        orch.train()
+    crashed = tmp_path / "crashed"
+    shutil.copytree(done, crashed)
+    metrics = crashed / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(line for line in lines if (json.loads(line)["kind"], json.loads(line)["step"])
+                               != ("eval", 3)))
+    for run_dir, evaluated in ((done, [5]), (crashed, [3, 5])):
+        resumed = cfg.replace(steps=6, run_dir=str(run_dir), faults="kill:1@5", recovery="restart")
+        with Orchestrator(resumed, progress=False, resume_dir=run_dir) as orch:
+            orch.train()
+        assert orch.restarts == 1 and [m.step for m in orch.evals] == evaluated
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["kind"] == "eval"] == [1, 3, 5]
+
+
 def test_augmentation_is_seeded_by_sample_position(digits_folder):
     cfg = RunConfig(data="folder", data_dir=str(digits_folder), num_classes=10, image_size=32, augment="standard")
     dataset = training_dataset(cfg)
@@ -234,6 +258,9 @@ def test_export_writes_both_files_or_changes_neither(resnet_run, tmp_path, capsy
     ("three.pth", "good", [], "model: '{TMP}/three.pth' is not a resnet18 with 2 classes (Error(s) in loading"),
     ("torn.pth", "good", [], "model: '{TMP}/torn.pth' is not the weights '{TMP}/torn.json' describes (an export "
                              "was cut short between its two files); run distrib export again"),
+    ("nometa.pth", "good", [], "model: '{TMP}/nometa.json' is not what distrib export writes (no 'classes')"),
+    ("tensor.pth", "good", [], "model: '{TMP}/tensor.pth' holds a Tensor, not a state_dict"),
+    ("RUN", "good", [], "--data: {TMP}/good/0/a.png cannot be decoded by PIL (cannot identify image file"),
 ])
 def test_evaluate_bad_input_is_one_line_exit_2(resnet_run, tmp_path, capsys, model, data, more, message):
     for name in ("0", "1"):  # the model's classes; no image is read before these errors
@@ -241,12 +268,15 @@ def test_evaluate_bad_input_is_one_line_exit_2(resnet_run, tmp_path, capsys, mod
         (tmp_path / "good" / name / "a.png").write_bytes(b"")
         (tmp_path / "no-images" / name).mkdir(parents=True)
     (tmp_path / "empty").mkdir()
+    meta = {"classes": ["0", "1"], "num_classes": 2, "image_size": 32, "mean": None, "std": None, "step": 1}
+    for name in ("bad", "three", "tensor"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(meta))
     (tmp_path / "bad.pth").write_bytes(b"not a torch file\n")
-    (tmp_path / "bad.json").write_text("{}\n")
+    (tmp_path / "nometa.pth").write_bytes(b"")
+    (tmp_path / "nometa.json").write_text("{}\n")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pth")
     if model == "three.pth":  # weights of a 3-class head, described as 2 classes
         torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / model)
-        meta = {"classes": ["0", "1"], "num_classes": 2, "image_size": 32, "mean": None, "std": None}
-        (tmp_path / "three.json").write_text(json.dumps(meta))
     if model == "torn.pth":  # an export cut short between its renames: new weights, the old export's .json
         assert cli.main(["export", str(resnet_run), "--out", str(tmp_path / model)]) == 0
         torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / model)

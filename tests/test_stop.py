@@ -105,6 +105,30 @@ def test_signal_saves_at_the_step_boundary_and_resume_is_exact(tmp_path, request
     assert_bit_identical(resumed, uninterrupted)
 
 
+def test_a_signal_once_the_last_steps_are_queued_ends_a_finished_run(tmp_path, ray_address):
+    """After 3 of 4 steps the last is already queued (calls_in_flight 2), and rank 0 takes it
+    slowly: SIGTERM then lets it run with the run's end, so the run is done (exit 0, summary
+    written), and a resume of it is refused in one line before Ray starts, not run to rewrite
+    the summary with nothing."""
+    run_dir = tmp_path / "run"
+    proc = start_cli(stop_cfg(run_dir, steps=4, faults="slow:0@3", **UNCHECKED), tmp_path, ray_address)
+    wait_for_steps(run_dir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "distrib: SIGTERM came as the run ended: all 4 steps done" in stderr
+    assert steps_in(run_dir) == [0, 1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
+    summary = (run_dir / "summary.json").read_bytes()
+
+    resumed = subprocess.run([sys.executable, "-m", "distrib", "train", "--resume", str(run_dir), "--no-progress"],
+                             capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert resumed.stderr.strip().endswith("the run is done; raise steps (--set steps=N) to train on")
+    assert len(resumed.stderr.strip().splitlines()) == 1 and "Ray" not in resumed.stderr
+    assert (run_dir / "summary.json").read_bytes() == summary
+
+
 def test_an_orderly_end_lets_the_replicas_exit_rather_than_killing_them(tmp_path):
     """ray.kill sends SIGTERM first, and Ray's handler for it, landing inside a garbage-collector
     callback, printed a traceback after a stopped run's last line (1 run in 12). After a run

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,12 @@ def test_n_workers_equal_one_worker_on_the_same_global_batch(small_cfg, tmp_path
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_tutorial_step_is_reproduced_exactly():
+def test_tutorial_step_is_reproduced_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scratch = set(Path(tempfile.gettempdir()).glob("distrib-seed-step-*"))
     result = seed_step(seed=0, device="cpu")
+    assert list(tmp_path.iterdir()) == []  # a check leaves nothing where it is run
+    assert set(Path(tempfile.gettempdir()).glob("distrib-seed-step-*")) == scratch  # nor its scratch folder
     assert result.max_param_diff == 0.0
     assert result.distrib_loss == result.plain_loss
     other_loss, _ = plain_tutorial_step(seed=1, device="cpu", weights=None)
