@@ -78,6 +78,8 @@ class Orchestrator(RecoveryPolicy):
         self._resume_from = None if resume_dir is None else RunDir.newest_to_resume(resume_dir, say=self._say)
         if self._resume_from is not None:  # before Ray starts; again in start(), with `auto` resolved
             checkpoint.check_compatible(self._resume_from, cfg, resolved=False)
+        # Before Ray starts too: a weights file that is corrupt or of another num_classes is one line.
+        self._weights = self._load_weights() if self._resume_from is None else None
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []
@@ -125,7 +127,8 @@ class Orchestrator(RecoveryPolicy):
             snapshot = self.rundir.snapshot
             self.step_count = snapshot.step if snapshot else 0
             self._faults = faults.parse(self.cfg.faults, num_workers=self.cfg.num_workers)
-            self._weights_ref = ray.put(self._load_weights() if snapshot is None else None)
+            self._weights_ref = ray.put(self._weights if snapshot is None else None)
+            self._weights = None  # Ray's object store holds them now
             self._start_group()
             if snapshot is not None:  # a resume: what was due where it goes on may never have run
                 self._boundary_after_recovery()

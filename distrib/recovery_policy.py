@@ -68,6 +68,9 @@ class RecoveryPolicy:
                 if self.stopped_by is not None:
                     raise
                 self._say(f"recovery failed: {again}")
+                # Counted against max_restarts, so recorded too: one event per recovery admitted.
+                self._recoveries.recovered({**event, "event": "failed", "error": str(again)})
+                self._recoveries.flush()
                 err, rebuild = again, True  # a group half re-formed has no survivors to heal from
 
     def _heal_or_restart(self, err: ReplicaError, event: dict, *, rebuild: bool) -> None:

@@ -101,6 +101,13 @@ def test_missing_weights_file(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_weights_file_torch_cannot_load(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a torch file")
+    done = train(tmp_path, "weights=bad.pth", "num_classes=10", "run_dir=run")
+    assert_one_line_error(done, "weights: 'bad.pth' could not be loaded (UnpicklingError)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_cuda_on_a_local_instance_without_gpus(tmp_path):
     if preflight.local_gpus() != 0:
         pytest.skip("this machine may have GPUs")
