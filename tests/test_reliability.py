@@ -79,6 +79,33 @@ def test_restart_from_a_snapshot_leaves_the_run_unchanged(tmp_path, uninterrupte
     assert metric_steps(run_dir) == [0, 1, 2, 3, 4, 5]
 
 
+def test_a_restart_that_fails_is_followed_by_another(tmp_path, uninterrupted, monkeypatch):
+    """A replica lost while the restarted group starts (injected: the first restart's start
+    raises once its group is up) is a failure like any other: counted, recorded, and followed
+    by another restart, not the end of the run."""
+    from distrib import ReplicaError
+
+    real_start, starts = Orchestrator._start_group, []
+
+    def start_group(self):
+        real_start(self)
+        starts.append(self.step_count)
+        if len(starts) == 2:  # the first restart's
+            raise ReplicaError("injected: rank 1 lost as the group started", ranks=[1])
+
+    monkeypatch.setattr(Orchestrator, "_start_group", start_group)
+    run_dir = tmp_path / "run"
+    with Orchestrator(base_cfg(run_dir).replace(faults="kill:1@3", recovery="restart"), progress=False) as orch:
+        orch.train()
+        recovered = final_state(orch)
+    assert starts == [0, 2, 2] and orch.restarts == 2
+    assert_bit_identical(recovered, uninterrupted)
+    failed, restart = events(run_dir)
+    assert failed["event"] == "failed" and "injected: rank 1 lost" in failed["error"]
+    assert restart["event"] == "restart" and restart["restored_step"] == 2
+    assert metric_steps(run_dir) == [0, 1, 2, 3, 4, 5]
+
+
 def test_hang_limit_is_the_backstop_without_the_stall_watch(tmp_path, uninterrupted):
     """stall_timeout_s: 0 turns the stall watch off: the derived hang limit names the stuck rank.
     The stall comes right after a check, so under batchnorm: train the healed rank's running
