@@ -78,8 +78,7 @@ class Orchestrator(RecoveryPolicy):
         self._resume_from = None if resume_dir is None else RunDir.newest_to_resume(resume_dir, say=self._say)
         if self._resume_from is not None:  # before Ray starts; again in start(), with `auto` resolved
             checkpoint.check_compatible(self._resume_from, cfg, resolved=False)
-        # Before Ray starts too: a weights file that is corrupt or of another num_classes is one line.
-        self._weights = self._load_weights() if self._resume_from is None else None
+        self._weights = self._load_weights() if self._resume_from is None else None  # before Ray, too
         self.step_count = 0
         """Steps finished on every replica; the next step to run."""
         self.history: list[StepMetrics] = []
@@ -92,8 +91,7 @@ class Orchestrator(RecoveryPolicy):
         self._faults: list[faults.Fault] = []
         self._hang_limit: HangLimit | None = None
         self._recoveries: recovery.RecoveryLog | None = None
-        self._formed_at_step = 0
-        """The step at which the group was last formed: no stall watch on its first call."""
+        self._formed_at_step = 0  # the step at which the group was last formed (_group_formed)
         self._stop = StopRequest(cfg.stop_grace_s)
         self._training = False
         self._closed = False
@@ -153,7 +151,7 @@ class Orchestrator(RecoveryPolicy):
         self._group.start(weights=self._weights_ref, snapshot=ray.put(snapshot.payload) if snapshot else None,
                           first_step=self.step_count,
                           faults=[f for f in self._faults if f.step >= self.step_count])
-        self._formed_at_step = self.step_count
+        self._group_formed()
         self.check_consistency()
 
     @property

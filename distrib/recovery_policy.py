@@ -16,9 +16,11 @@ from distrib import cadence, faults, recovery
 from distrib.config import RunConfig
 from distrib.errors import DivergenceError, ReplicaError
 from distrib.group import ReplicaGroup
+from distrib.hang import HangLimit
 from distrib.metrics import EvalMetrics, StepMetrics
 from distrib.protocol import PHASES
 from distrib.rundir import RunDir
+from distrib.watchers import Watchers
 
 
 class RecoveryPolicy:
@@ -40,6 +42,8 @@ class RecoveryPolicy:
     evaluate: Callable[[], EvalMetrics]
     _checkpoint_now: Callable[..., None]
     _start_group: Callable[[], None]
+    _hang_limit: HangLimit
+    _watchers: Watchers
 
     def _leave_draining_nodes(self) -> None:
         """Snapshot at the step boundary reached, then move the group off the nodes Ray is
@@ -96,7 +100,8 @@ class RecoveryPolicy:
             records = healed.unreported[step]  # the survivors' only: the metrics say `partial`
             self._record_step(step, records, wall_s=max(sum(r[p] for p in PHASES) for r in records),
                               partial=len(records) < world_size)
-        self.step_count = self._formed_at_step = healed.step
+        self.step_count = healed.step
+        self._group_formed()
         started = time.monotonic()
         self.check_consistency()
         check_s = time.monotonic() - started
@@ -111,8 +116,15 @@ class RecoveryPolicy:
     def _grow(self) -> None:
         world_size = self._group.world_size
         if recovery.grow(self._group, step=self.step_count, faults=self._faults, check=self.check_consistency):
-            self._formed_at_step = self.step_count
+            self._group_formed()
             self._resized(world_size, "grow", because="the left-out replacements started")
+
+    def _group_formed(self) -> None:
+        """The group was (re)formed at step_count: no stall watch on its first call, the hang
+        limit's grace for its first calls again, the straggler window anew."""
+        self._formed_at_step = self.step_count
+        self._hang_limit.formed()
+        self._watchers.formed(whole=self._group.world_size == self.cfg.num_workers)
 
     def _resized(self, world_size: int, kind: str, *, because: str) -> None:
         """Say and record (events.jsonl) a change of the group's size from `world_size`."""

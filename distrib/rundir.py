@@ -103,7 +103,9 @@ class RunDir:
         if self.cfg.tensorboard:
             from distrib.tblog import TensorBoardLog
 
-            self._tensorboard = TensorBoardLog(path / "tb", self.cfg, upload_every_s=METRICS_UPLOAD_S)
+            # A resume goes on from its snapshot's step: a writer of a run's start would add the config again.
+            self._tensorboard = TensorBoardLog(path / "tb", self.cfg, upload_every_s=METRICS_UPLOAD_S,
+                                               purge_step=snapshot.step if snapshot is not None else None)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer",
                                           initializer=_lower_priority)
         self._pending_write: Future | None = None

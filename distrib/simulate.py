@@ -104,6 +104,10 @@ def check(workers: list[int], *, steps_per_call: list[int], out_dir: Path | None
     """ConfigError, before Ray starts and before anything is written, for a run or sweep that
     cannot be measured: a point's config, steps that end within the warm-up, an out_dir that
     cannot be made (None: nothing is written). `run`: sim_config's other arguments."""
+    for flag, values in (("--sweep", workers), ("--steps-per-call", steps_per_call)):
+        if len(set(values)) < len(values):  # two fits of one K would divide by 1/K - 1/K = 0
+            raise ConfigError(f"{flag} {','.join(map(str, values))} is invalid: a value is given twice; "
+                              "give each once")
     for k in steps_per_call:
         for n in workers:
             cfg = sim_config(n, steps_per_call=k, run_dir="unused", **run)

@@ -36,6 +36,14 @@ class StragglerWatch:
         self._window: deque[tuple[list[float], float]] = deque(maxlen=STRAGGLER_WINDOW)
         """(each rank's lead time minus the fastest rank's, the step's length) of the latest steps."""
         self.named: list[int] = []
+        self._judging = True
+
+    def formed(self, *, whole: bool) -> None:
+        """The group was formed again: its ranks may be new or renumbered, so the window starts
+        over; while it is not `whole` (shrunk: some ranks train several shards, their lead time
+        several shards' by design), nobody is judged."""
+        self._window.clear()
+        self._judging = whole
 
     def step(self, rank_records: list[StepRecord], step_s: float) -> None:
         """Take one step every rank finished (rank_records[r] is rank r's), `step_s` its length."""
@@ -44,6 +52,8 @@ class StragglerWatch:
             for phase in PHASES:
                 sums[phase] += record[phase]
             self._counts[rank] = self._counts.get(rank, 0) + 1
+        if not self._judging:
+            return
         leads = [sum(r[p] for p in self.lead_phases) for r in rank_records]
         fastest = min(leads)
         self._window.append(([lead - fastest for lead in leads], step_s))

@@ -31,6 +31,10 @@ class Watchers:
         if self._gauges is not None:
             self._gauges.step(metrics, rank_records, recoveries=recoveries, checks_passed=checks_passed)
 
+    def formed(self, *, whole: bool) -> None:
+        """The group was formed again (a restart, heal or grow); `whole`: it has num_workers ranks."""
+        self._stragglers.formed(whole=whole)
+
     def evaluation(self, metrics: EvalMetrics) -> None:
         if self._gauges is not None:
             self._gauges.evaluation(metrics)

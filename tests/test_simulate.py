@@ -96,6 +96,8 @@ def test_checkpoints_closer_than_the_queued_steps_each_hold_their_own_step(tmp_p
     (["--workers", "2", "--step-ms", "-1"], "--step-ms: -1.0 is invalid"),
     (["--workers", "2", "--step-ms", "inf"], "--step-ms: inf is invalid: must be a finite number > 0"),
     (["--workers", "0"], "num_workers: 0 is invalid: must be >= 1"),
+    (["--sweep", "2,4", "--steps-per-call", "4,4"], "--steps-per-call 4,4 is invalid: a value is given twice"),
+    (["--sweep", "2,2"], "--sweep 2,2 is invalid: a value is given twice"),
     (["--workers", "2", "--steps", "2"], "steps: 2 is invalid: it leaves no step after the 2 warm-up steps"),
     (["--sweep", "2,4", "--steps-per-call", "1,8", "--steps", "12"], "after the 16 warm-up steps (steps_per_call=8)"),
     (["--sweep", "2,4", "--out", "FILE"], "--out 'FILE' is invalid: 'FILE' is a file, not a folder"),

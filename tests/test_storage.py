@@ -270,7 +270,9 @@ def test_a_run_killed_on_s3_resumes_from_the_uri_bit_identical(s3_env, ray_addre
     (tmp_path / "tb").mkdir()
     for file in (root / "tb").iterdir():
         (tmp_path / "tb" / file.name).write_bytes(file.read_bytes())
-    assert [e.step for e in EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("train/loss")] == steps
+    board = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == steps
+    assert len(board.Tensors("config/text_summary")) == 1  # the run's start wrote it; the resume did not again
     assert json.loads((root / "summary.json").read_text())["num_workers"] == 2
     assert (root / "config.yaml").is_file() and not Path(tmp_path / "killed").exists()
 

@@ -48,6 +48,38 @@ def test_under_sync_batchnorm_only_the_batch_counts_and_outliers_name_nobody():
     assert said == []  # 0 = off
 
 
+def test_a_group_formed_again_is_judged_anew_and_a_shrunk_one_not_at_all():
+    """A shrunk group's rank 0 trains two shards (its lead time twice a shard's, by design), and
+    a rank replaced in a heal is not the one whose steps filled the window."""
+    stragglers, said = watch()
+    stragglers.formed(whole=False)
+    for _ in range(STRAGGLER_WINDOW * 2):
+        stragglers.step([record(0.02, 0.10), record(0.01, 0.05), record(0.01, 0.05)], step_s=0.2)
+    assert said == []
+    stragglers.formed(whole=True)
+    for _ in range(STRAGGLER_WINDOW - 1):  # the window was cleared: it is not full yet
+        stragglers.step([record(0.01, 0.05), record(0.11, 0.05)], step_s=0.2)
+    assert said == []
+    stragglers.step([record(0.01, 0.05), record(0.11, 0.05)], step_s=0.2)
+    assert stragglers.named == [1]
+
+
+def test_the_hang_limit_gives_a_group_formed_again_its_first_calls():
+    """After a restart or heal the first calls are slow again (loaders, torch.compile, cuDNN's
+    autotuning): step_timeout_s, not the limit the steady steps derived, until 3 calls are timed;
+    and it counts calls, not steps (a call of 4 steps is one)."""
+    from distrib.hang import MIN_TIMED_CALLS, HangLimit
+
+    limit = HangLimit(RunConfig(step_timeout_s=300.0, hang_timeout_factor=10.0, hang_timeout_min_s=1.0))
+    limit.record(0.05, 4)
+    assert limit.limit_s(4) == 300.0 and limit.stall_limit_s() is None  # 4 steps timed, but one call
+    for _ in range(MIN_TIMED_CALLS - 1):
+        limit.record(0.05, 4)
+    assert limit.limit_s(4) == pytest.approx(2.0) and limit.stall_limit_s() == 3.0
+    limit.formed()
+    assert limit.limit_s(4) == 300.0 and limit.stall_limit_s() is None
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_a_slow_rank_is_named_while_the_run_goes_on(tmp_path, capfd):
     steps = STRAGGLER_WINDOW + 6
