@@ -154,7 +154,10 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig, *, resolved: bool =
     current = to_dict(cfg)
     for key, value in checkpoint.config.items():
         # A cosine schedule decays to 0 at `steps`: changing it changes every later step's rate.
-        fixed = key == "steps" and cfg.lr_schedule == "cosine"
+        # Under batchnorm: train the ranks average their running statistics at the run's checks
+        # and checkpoints (cadence.averages_buffers): other steps would round them otherwise.
+        fixed = (key == "steps" and cfg.lr_schedule == "cosine") or (
+            key in ("check_every", "checkpoint_every") and cfg.batchnorm == "train" and cfg.num_workers > 1)
         unknown = not resolved and current.get(key) == "auto"
         if (key not in RESUMABLE_KEYS or fixed) and not unknown and current.get(key) != value:
             raise CheckpointError(f"{checkpoint.path} is from a different run: {key} is {value!r} there, "

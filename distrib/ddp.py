@@ -15,7 +15,9 @@ from distrib.config import RunConfig
 def wrap(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
          comm_hook: AllReduceHook) -> DistributedDataParallel:
     """`model` under DDP in the current process group, with `comm_hook` on a CPU or when it
-    compresses. Collective (DDP's set-up checks every rank's model)."""
+    compresses. Not collective where DDP takes init_sync=False (no broadcast, no check of the
+    ranks' shapes: the digest check after a (re)join proves them alike); collective on a torch
+    without it."""
     # No buffer broadcast at each forward: under `train`, each rank keeps its own BatchNorm
     # running stats, reconciled where they are observed (bnstats.py), saving a collective per
     # step; under `sync` and `frozen` they are identical already. Newer torch renamed the switch.
@@ -52,8 +54,10 @@ def settle_buckets(trainer) -> None:
     images = images.contiguous(memory_format=trainer.memory_format)
     targets = (torch.zeros(2, cfg.num_classes, device=device) if cfg.loss == "sum" else
                torch.zeros(2, dtype=torch.long, device=device))
-    trainer.loss(images, targets).backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.comm_hook.pop_window_s()
-    for buffer, value in zip(trainer.model.buffers(), saved):
-        buffer.copy_(value)
+    try:  # put back even when a peer is lost mid-backward
+        trainer.loss(images, targets).backward()
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.comm_hook.pop_window_s()
+        for buffer, value in zip(trainer.model.buffers(), saved):
+            buffer.copy_(value)

@@ -9,7 +9,9 @@ buffer, and numpy copies it without Python's GIL, so the replica's step thread, 
 launches the GPU's kernels, is not held up meanwhile. torch.save, which used to run here,
 slowed it for most of ~100 ms a snapshot (a thread of small torch ops beside it ran at
 about half speed); `to_bytes` now runs it in the driver (rundir.Snapshot, on its checkpoint
-writer). On a CPU the first copy is synchronous.
+writer). On a CPU the first copy is synchronous. Under fp16 the loss scaler's state_dict,
+taken with the snapshot, reads its scale to the host: a synchronisation of the step stream
+(not measured on a GPU; bf16, the GPU default, has no scaler).
 
 Snapshots are keyed by the steps done when begun (protocol.SnapshotsBegun).
 """

@@ -50,17 +50,20 @@ def measure_overlap(trainer, step: int, repeats: int) -> dict:
     images = images.contiguous(memory_format=trainer.memory_format)
     no_sync = trainer.ddp_module.no_sync() if trainer.world_size > 1 else contextlib.nullcontext()
     backward = []
-    with no_sync:
-        for _ in range(repeats):
-            loss = trainer.loss(images, targets)
-            t0 = trainer.clock.mark()
-            loss.backward()
-            t1 = trainer.clock.mark()
-            trainer.optimizer.zero_grad(set_to_none=True)
-            synchronize(trainer.device)
-            backward.append(trainer.clock.seconds(t0, t1))
-    for buffer, saved in zip(trainer.model.buffers(), buffers):
-        buffer.copy_(saved)
+    try:  # put back what it changes even when it fails (a peer lost in batchnorm: sync's collectives)
+        with no_sync:
+            for _ in range(repeats):
+                loss = trainer.loss(images, targets)
+                t0 = trainer.clock.mark()
+                loss.backward()
+                t1 = trainer.clock.mark()
+                trainer.optimizer.zero_grad(set_to_none=True)
+                synchronize(trainer.device)
+                backward.append(trainer.clock.seconds(t0, t1))
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for buffer, saved in zip(trainer.model.buffers(), buffers):
+            buffer.copy_(saved)
     allreduce = []
     if trainer.world_size > 1:
         flat = torch.zeros_like(wire, device=trainer.device)

@@ -99,9 +99,10 @@ class Trainer:
     def join(self, *, world_rank: int, shards: list[int], faults: list[Fault] | None) -> None:
         """Become `world_rank` of the process group this process has just joined, training on
         logical `shards` of each global batch: (re)build DDP, the loss scale and the data
-        sources, which depend on the rank and the group. Collective (DDP's set-up checks every
-        rank's model). A rank that was in an earlier group keeps its model, optimizer and armed
-        faults (`faults` None); a new one gets `faults`."""
+        sources, which depend on the rank and the group. Collective where it settles DDP's
+        buckets (ddp.settle_buckets) and on a torch without init_sync (ddp.wrap). A rank that was
+        in an earlier group keeps its model, optimizer and armed faults (`faults` None); a new
+        one gets `faults`."""
         cfg = self.cfg
         self.ddp_module = self._forward = None  # the old DDP's autograd hooks go with it
         self.world_rank, self.world_size = world_rank, comm.world_size()
@@ -111,9 +112,8 @@ class Trainer:
         self.ddp_module = ddp.wrap(self.model, cfg, self.device, self.comm_hook) if self.world_size > 1 else self.model
         self._forward = torch.compile(self.ddp_module) if cfg.compile else self.ddp_module
         # DDP averages gradients over ranks. The sum loss is defined on the global batch, so each
-        # shard's is scaled by the world size to make the average equal the global gradient; the
-        # mean loss is the mean over num_workers shards, so each shard's is scaled by
-        # world_size / num_workers (1 at full size).
+        # shard's is scaled by the world size to make the average equal the global gradient; the mean
+        # loss is the mean over num_workers shards: each shard's scaled by world_size / num_workers.
         self._loss_scale = float(self.world_size) if cfg.loss == "sum" else self.world_size / cfg.num_workers
         for source in self.data:
             source.close()
@@ -152,11 +152,12 @@ class Trainer:
         an error here), it is dropped: this rank is left at the last step it finished, with
         the failed step's BatchNorm updates undone, keeps the finished steps' records (see
         `records_since`), and leaves the process group, which makes every peer's collective
-        fail at once too. It then refuses collective calls until it joins a new group.
-        """
+        fail at once too. It then refuses collective calls until it joins a new group. Calls
+        must arrive in order: one that does not is said loudly, and this rank leaves too."""
         self._refuse_if_broken()
-        if first_step != self.next_step:  # calls must arrive in order; say so loudly if they do not
-            raise RuntimeError(f"asked for step {first_step}, but the next step here is {self.next_step}")
+        if first_step != self.next_step:
+            self._leave(why := f"asked for step {first_step}, but the next step here is {self.next_step}")
+            raise RuntimeError(why)
         losses, marks, comm_windows = [], [], []
         try:
             for step in range(first_step, first_step + num_steps):

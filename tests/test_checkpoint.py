@@ -105,7 +105,13 @@ def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
 def test_a_checkpoint_from_another_config_is_refused(tmp_path):
     write(tmp_path, 2)
     ckpt, _ = checkpoint.newest_valid(tmp_path)
-    checkpoint.check_compatible(ckpt, CFG.replace(steps=20, check_every=5, faults=""))  # driving keys may change
+    checkpoint.check_compatible(ckpt, CFG.replace(steps=20, faults="", eval_every=4))  # driving keys may change
+    # Under batchnorm: train with 2+ workers the checks are where the ranks average their BatchNorm
+    # running statistics: moving them rounds those otherwise (by ~1e-8), so they must stay.
+    with pytest.raises(CheckpointError, match="check_every is 10 there, 5 here; resume with the same check_every"):
+        checkpoint.check_compatible(ckpt, CFG.replace(check_every=5))
+    with pytest.raises(CheckpointError, match="checkpoint_every is 100 there, 50 here"):
+        checkpoint.check_compatible(ckpt, CFG.replace(checkpoint_every=50))
     with pytest.raises(CheckpointError, match=r"from a different run: lr is 0.01 there, 0.1 here"):
         checkpoint.check_compatible(ckpt, CFG.replace(lr=0.1))
     with pytest.raises(CheckpointError, match="num_classes is 1000 there, 10 here"):
