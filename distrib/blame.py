@@ -74,7 +74,9 @@ def peers_after_failure(group, pending: dict[ray.ObjectRef, int], causes: dict[i
             except ray.exceptions.RayError as other:
                 causes[rank] = cause_of(other)
         silent = set(left.values()) - answered
-        if dead or (silent and time.monotonic() - started >= PEER_PROBE_S):
+        # A rank seen dead does not make the silent ones dead: a healthy rank may be slow to
+        # answer its probe (loaded cores). They are, once silent for PEER_PROBE_S (a lost node).
+        if (dead and not silent) or (silent and time.monotonic() - started >= PEER_PROBE_S):
             return sorted(dead | silent)
     return []
 

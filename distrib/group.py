@@ -57,6 +57,8 @@ signal handler must not raise inside ray.wait (Ray turns that into a SystemError
 only sets a flag, which takes effect within a slice."""
 CLOSE_TIMEOUT_S = 2.0
 """How long an orderly stop waits for the replicas to close their data loaders."""
+UNREAD_READ_AT = 1000
+"""Refs held for the group's stop past which those done are read at once (read_at_stop)."""
 
 
 class ReplicaGroup:
@@ -273,12 +275,14 @@ class ReplicaGroup:
 
     def _capped(self, deadline: float) -> float:
         """`deadline`, or a stop's grace if that ends first (it may begin during a wait)."""
-        cap = self._wait_deadline()
-        return deadline if cap is None else min(deadline, cap)
+        return min(deadline, self._wait_deadline() or deadline)
 
     def read_at_stop(self, refs: list) -> None:
-        """Hold `refs` (calls of lost ranks) and read them when the group stops, not now."""
+        """Hold `refs` (calls of lost ranks, probes still out) and read them when the group stops,
+        not now; past UNREAD_READ_AT, those done are read now (a long run's stall probes)."""
         self._unread += refs
+        if len(self._unread) >= UNREAD_READ_AT:
+            self._unread = list(self.consume(self._unread, 0.0)[0])
 
     def kill(self, ranks: list[int]) -> None:
         """Kill the actors of `ranks` (already dead ones are skipped): their peers' collectives

@@ -124,15 +124,18 @@ def take(cfg: RunConfig) -> KeptGroup | None:
     kept, _kept = _kept, None
     if kept is None:
         return None
-    if kept.shape == shape(cfg):
-        pings = [replica.node_info.remote() for replica in kept.replicas]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
-        try:
+    try:
+        if kept.shape == shape(cfg):
+            pings = [replica.node_info.remote() for replica in kept.replicas]
+            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
             if len(ready) == len(pings):
                 ray.get(pings)
                 return kept
-        except ray.exceptions.RayError as err:
-            log.info("a kept replica is gone (%s): starting afresh", err)
+    except ray.exceptions.RayError as err:
+        log.info("a kept replica is gone (%s): starting afresh", err)
+    except BaseException:  # Ctrl-C in a notebook: no one would own the group otherwise
+        _release(kept)
+        raise
     _release(kept)
     return None
 
