@@ -18,6 +18,11 @@ from distrib.warm import keep_warm, release
 # Set before any Ray instance starts: its raylet reads it from the environment it inherits.
 RAY_DISK_THRESHOLD_VAR = "RAY_local_fs_capacity_threshold"  # Ray's own spelling
 os.environ.setdefault(RAY_DISK_THRESHOLD_VAR, "1")
+# The replicas' FutureWarnings (torch's, on every import) are noise in the test log. Ray's workers
+# inherit the raylet's environment, so this reaches them without a job runtime_env: one of those
+# starts each worker through Ray's setup_worker.py, ~1.5 CPU-s more per replica process here
+# (~150 of them in the suite).
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
 
 
 LOCAL_CPUS = 4
@@ -53,8 +58,7 @@ def ray_local(_local_ray_session):
         ray.shutdown()
         _shared_ray_up = False
     if not _shared_ray_up:
-        ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}})
+        ray.init(num_cpus=LOCAL_CPUS, include_dashboard=False, logging_level="WARNING")
         _shared_ray_up = True
     with keep_warm():  # runs of the same shape in a module share their replicas; released at its end
         yield

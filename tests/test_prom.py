@@ -24,7 +24,6 @@ def metrics_url():
     """Our own local Ray (address="local": not a cluster another test started), exporting every
     second (the default is every 10 s); yields its node's metrics endpoint."""
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::FutureWarning"}},
              _system_config={"metrics_report_interval_ms": 1000})
     try:
         node = ray.nodes()[0]
