@@ -154,7 +154,9 @@ class RecoveryPolicy:
         started = time.monotonic()
         self._group.stop()
         self._group.consume([ref for _, ref in err.outstanding], recovery.QUEUED_CALLS_TIMEOUT_S)
-        redone = self.step_count - restore_step
+        # In the event before the group starts: a restart that fails there is recorded as
+        # "failed" from it, and the steps it rewound are redone all the same.
+        event.update(restored_step=restore_step, steps_redone=self.step_count - restore_step)
         self.step_count = restore_step
         self.history = [m for m in self.history if m.step < restore_step]
         self.evals = [m for m in self.evals if m.step < restore_step]
@@ -162,5 +164,4 @@ class RecoveryPolicy:
         self._start_group()
         self._boundary_after_recovery()
         self._recoveries.recovered({
-            "event": "restart", **event, "restarted_at": time.time(), "restored_step": restore_step,
-            "rebuild_s": time.monotonic() - started, "steps_redone": redone})
+            "event": "restart", **event, "restarted_at": time.time(), "rebuild_s": time.monotonic() - started})

@@ -88,6 +88,8 @@ def test_restart_from_a_snapshot_leaves_the_run_unchanged(tmp_path, uninterrupte
     assert_bit_identical(recovered, uninterrupted)
     failed, restart = events(run_dir)
     assert failed["event"] == "failed" and failed["ranks"] == [1] and "injected: rank 1 lost" in failed["error"]
+    # The failed restart had gone back to step 2: the steps it rewound count as redone.
+    assert failed["restored_step"] == 2 and failed["steps_redone"] == failed["step"] - 2 > 0
     assert re.search(r"rank 1 .*died during steps? [23]", failed["cause"])
     assert restart["event"] == "restart" and restart["ranks"] == [1] and restart["restored_step"] == 2
     assert restart["steps_redone"] == 0  # the failed restart had gone back to step 2 already
